@@ -1,0 +1,473 @@
+"""Llama 4 configuration: plain dataclasses, named presets, and HF `config.json` in and out.
+
+Everything that differs between Scout, Maverick and Behemoth is a field here, never a magic number in
+the model. Field names follow the Hugging Face config so a reader can hold one next to the other.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+ARCH_MULTIMODAL = "Llama4ForConditionalGeneration"
+ARCH_TEXT = "Llama4ForCausalLM"
+
+
+@dataclass
+class TextConfig:
+    """The text decoder: attention (iRoPE), MoE / dense FFN and embeddings."""
+
+    vocab_size: int = 202048
+    hidden_size: int = 5120
+    num_hidden_layers: int = 48
+    num_attention_heads: int = 40
+    num_key_value_heads: int = 8
+    head_dim: int = 128
+    intermediate_size: int = 8192  # each routed expert and the shared expert
+    intermediate_size_mlp: int = 16384  # dense FFN layers (Maverick's non-MoE layers)
+    num_local_experts: int = 16
+    num_experts_per_tok: int = 1
+    moe_layers: list[int] | None = None  # None: every `interleave_moe_layer_step`-th layer
+    interleave_moe_layer_step: int = 1
+    # HF's flag list: 1 = the layer uses RoPE + chunked local attention, 0 = NoPE + global attention.
+    no_rope_layers: list[int] | None = None  # None: every `no_rope_layer_interval`-th layer is NoPE
+    no_rope_layer_interval: int = 4
+    attention_chunk_size: int | None = 8192  # None: RoPE layers attend globally too
+    use_qk_norm: bool = True
+    attn_temperature_tuning: bool = True
+    floor_scale: float = 8192
+    attn_scale: float = 0.1
+    rope_theta: float = 500000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3", factor, low/high_freq_factor, original_max_...}
+    max_position_embeddings: int = 10485760
+    rms_norm_eps: float = 1e-5
+    attention_bias: bool = False
+    hidden_act: str = "silu"
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 200000
+    eos_token_id: list[int] = field(default_factory=lambda: [200001, 200007, 200008])
+    pad_token_id: int | None = 200018
+
+    def __post_init__(self) -> None:
+        n = self.num_hidden_layers
+        if self.moe_layers is None:
+            step = self.interleave_moe_layer_step
+            self.moe_layers = list(range(step - 1, n, step)) if step > 0 else []
+        if self.no_rope_layers is None:
+            k = self.no_rope_layer_interval
+            self.no_rope_layers = [int((i + 1) % k != 0) for i in range(n)]
+        if isinstance(self.eos_token_id, int):
+            self.eos_token_id = [self.eos_token_id]
+        self.moe_layers = [int(i) for i in self.moe_layers]
+        self.no_rope_layers = [int(bool(v)) for v in self.no_rope_layers]
+        self.attn_temperature_tuning = bool(self.attn_temperature_tuning)
+        self.validate()
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"invalid text config: {msg}")
+
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "intermediate_size", "intermediate_size_mlp"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and v > 0, f"{name} must be a positive int, got {v!r}")
+        need(self.num_attention_heads % self.num_key_value_heads == 0,
+             f"num_attention_heads={self.num_attention_heads} must be a multiple of "
+             f"num_key_value_heads={self.num_key_value_heads}")
+        need(self.head_dim % 2 == 0, f"head_dim={self.head_dim} must be even for RoPE")
+        n = self.num_hidden_layers
+        need(len(self.no_rope_layers) >= n,
+             f"no_rope_layers has {len(self.no_rope_layers)} entries, expected {n} (num_hidden_layers)")
+        self.no_rope_layers = self.no_rope_layers[:n]
+        bad = [i for i in self.moe_layers if not 0 <= i < n]
+        need(not bad, f"moe_layers {bad} out of range for num_hidden_layers={n}")
+        if self.moe_layers:
+            need(self.num_local_experts > 0, f"num_local_experts={self.num_local_experts} must be > 0")
+            need(1 <= self.num_experts_per_tok <= self.num_local_experts,
+                 f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, {self.num_local_experts}]")
+        need(self.attention_chunk_size is None or self.attention_chunk_size > 0,
+             f"attention_chunk_size={self.attention_chunk_size} must be positive or None")
+        need(self.hidden_act == "silu", f"hidden_act={self.hidden_act!r} unsupported (Llama 4 uses 'silu')")
+        need(self.floor_scale > 0, f"floor_scale={self.floor_scale} must be > 0")
+        if self.rope_scaling is not None:
+            rs = self.rope_scaling
+            kind = rs.get("rope_type", rs.get("type"))
+            need(kind in ("llama3", "default"), f"rope_scaling type {kind!r} unsupported (expected 'llama3')")
+            if kind == "llama3":
+                missing = {"factor", "low_freq_factor", "high_freq_factor",
+                           "original_max_position_embeddings"} - set(rs)
+                need(not missing, f"rope_scaling (llama3) is missing {sorted(missing)}")
+                need(rs["high_freq_factor"] >= rs["low_freq_factor"],
+                     f"rope_scaling high_freq_factor={rs['high_freq_factor']} < "
+                     f"low_freq_factor={rs['low_freq_factor']}")
+
+    # Layer kinds -------------------------------------------------------------------------------
+    def uses_rope(self, layer: int) -> bool:
+        return bool(self.no_rope_layers[layer])
+
+    def is_moe(self, layer: int) -> bool:
+        return layer in self.moe_layers
+
+    def is_chunked(self, layer: int) -> bool:
+        """RoPE layers attend within chunks; NoPE layers attend globally."""
+        return self.uses_rope(layer) and self.attention_chunk_size is not None
+
+
+@dataclass
+class VisionConfig:
+    """The ViT image encoder, its pixel-shuffle adapter, and the projector into the text space."""
+
+    hidden_size: int = 1408
+    intermediate_size: int = 5632
+    num_hidden_layers: int = 34
+    num_attention_heads: int = 16
+    num_channels: int = 3
+    image_size: int = 336  # tile size in pixels
+    patch_size: int = 14
+    norm_eps: float = 1e-5
+    pixel_shuffle_ratio: float = 0.5
+    projector_input_dim: int = 4096
+    projector_output_dim: int = 4096
+    vision_output_dim: int = 4096
+    rope_theta: float = 10000.0
+    multi_modal_projector_bias: bool = False
+    hidden_act: str = "gelu"
+    initializer_range: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"invalid vision config: image_size={self.image_size} is not a multiple "
+                             f"of patch_size={self.patch_size}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"invalid vision config: hidden_size={self.hidden_size} is not a multiple of "
+                             f"num_attention_heads={self.num_attention_heads}")
+
+    @property
+    def tokens_per_tile(self) -> int:
+        side = self.image_size // self.patch_size
+        return int(side * side * self.pixel_shuffle_ratio**2)
+
+
+@dataclass
+class Llama4Config:
+    text: TextConfig = field(default_factory=TextConfig)
+    vision: VisionConfig | None = field(default_factory=VisionConfig)
+    image_token_index: int = 200092
+    boi_token_index: int = 200080
+    eoi_token_index: int = 200081
+    name: str = ""
+
+    @property
+    def architecture(self) -> str:
+        return ARCH_MULTIMODAL if self.vision is not None else ARCH_TEXT
+
+    def replace(self, **text_overrides: Any) -> "Llama4Config":
+        """A copy with some text fields changed (layer lists recomputed unless given)."""
+        cfg = copy.deepcopy(self)
+        t = asdict(cfg.text)
+        if "num_hidden_layers" in text_overrides or "interleave_moe_layer_step" in text_overrides:
+            t["moe_layers"] = None
+        if "num_hidden_layers" in text_overrides or "no_rope_layer_interval" in text_overrides:
+            t["no_rope_layers"] = None
+        t.update(text_overrides)
+        cfg.text = TextConfig(**t)
+        return cfg
+
+
+# Presets ----------------------------------------------------------------------------------------
+
+_SCOUT_ROPE = {"rope_type": "llama3", "factor": 16.0, "low_freq_factor": 1.0, "high_freq_factor": 1.0,
+               "original_max_position_embeddings": 8192}
+
+
+def _scout() -> Llama4Config:
+    return Llama4Config(TextConfig(rope_scaling=dict(_SCOUT_ROPE)), VisionConfig(), name="scout")
+
+
+def _maverick() -> Llama4Config:
+    text = TextConfig(num_local_experts=128, interleave_moe_layer_step=2, use_qk_norm=False,
+                      rope_scaling=None, max_position_embeddings=1048576)
+    return Llama4Config(text, VisionConfig(), name="maverick")
+
+
+def _behemoth() -> Llama4Config:
+    # Announced only (288B active, ~2T total, 16 experts). A projection: Scout's layout scaled up in
+    # width and depth until both published numbers are met (2.001T total, 288.0B active).
+    text = TextConfig(hidden_size=14336, num_hidden_layers=108, num_attention_heads=128, num_key_value_heads=8,
+                      head_dim=128, intermediate_size=24576, intermediate_size_mlp=49152,
+                      num_local_experts=16, rope_scaling=dict(_SCOUT_ROPE))
+    return Llama4Config(text, VisionConfig(), name="behemoth")
+
+
+def _tiny() -> Llama4Config:
+    # Every part of Llama 4 at laptop size: MoE (4 experts, top-1, shared) on every second layer,
+    # iRoPE with 64-token chunks, QK-norm, temperature tuning, llama3 scaling, a small ViT.
+    text = TextConfig(vocab_size=202048, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=32, intermediate_size=256, intermediate_size_mlp=512,
+                      num_local_experts=4, interleave_moe_layer_step=2, attention_chunk_size=64,
+                      floor_scale=32, max_position_embeddings=1 << 20,
+                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 256})
+    vision = VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          image_size=56, patch_size=14, projector_input_dim=128, projector_output_dim=128,
+                          vision_output_dim=128)
+    return Llama4Config(text, vision, name="tiny")
+
+
+PRESETS = {"tiny": _tiny, "scout": _scout, "maverick": _maverick, "behemoth": _behemoth}
+
+
+def preset(name: str) -> Llama4Config:
+    """A named configuration: `tiny`, `scout`, `maverick` or `behemoth`."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+# HF config.json in and out -----------------------------------------------------------------------
+
+# Fields that change the computation but that we do not implement: refusing is better than silently
+# computing something else.
+_UNSUPPORTED_NONDEFAULT = {"router_jitter_noise": 0.0, "attention_dropout": 0.0}
+_TEXT_IGNORED = {  # bookkeeping fields with no effect on inference
+    "model_type", "torch_dtype", "dtype", "use_cache", "output_router_logits", "router_aux_loss_coef",
+    "for_llm_compressor", "transformers_version", "architectures", "_name_or_path", "return_dict",
+    "output_hidden_states", "output_attentions", "chunk_size_feed_forward", "is_encoder_decoder",
+    "id2label", "label2id", "problem_type", "tokenizer_class", "cache_implementation", "attn_implementation",
+    "_attn_implementation_autoset", "pretraining_tp", "tie_word_embeddings",
+}
+
+
+def _rope_from_hf(d: dict, where: str) -> tuple[float, dict | None]:
+    """Both spellings: 4.x `rope_theta` + `rope_scaling`, 5.x `rope_parameters`."""
+    params = d.get("rope_parameters")
+    theta = d.get("rope_theta")
+    scaling = d.get("rope_scaling")
+    if params is not None:
+        if theta is not None and "rope_theta" in params and float(params["rope_theta"]) != float(theta):
+            raise ValueError(f"{where}: rope_theta={theta} contradicts rope_parameters.rope_theta="
+                             f"{params['rope_theta']}")
+        theta = params.get("rope_theta", theta)
+        kind = params.get("rope_type", params.get("type", "default"))
+        scaling = None if kind == "default" else {k: v for k, v in params.items() if k != "rope_theta"}
+    if scaling is not None and scaling.get("rope_type", scaling.get("type")) in (None, "default"):
+        scaling = None
+    if scaling is not None:
+        scaling = dict(scaling)
+        if "type" in scaling and "rope_type" not in scaling:
+            scaling["rope_type"] = scaling.pop("type")
+    return float(theta if theta is not None else 500000.0), scaling
+
+
+def _text_from_hf(d: dict, where: str) -> TextConfig:
+    d = dict(d)
+    theta, scaling = _rope_from_hf(d, where)
+    for k in ("rope_parameters", "rope_theta", "rope_scaling"):
+        d.pop(k, None)
+    for k, default in _UNSUPPORTED_NONDEFAULT.items():
+        if k in d and d[k] not in (None, default):
+            raise ValueError(f"{where}: {k}={d[k]!r} is not supported (expected {default!r})")
+        d.pop(k, None)
+    layer_types = d.pop("layer_types", None)
+    known = {f.name for f in fields(TextConfig)}
+    kwargs = {k: v for k, v in d.items() if k in known}
+    unknown = sorted(k for k in d if k not in known and k not in _TEXT_IGNORED)
+    if unknown:
+        raise ValueError(f"{where}: unknown text config fields {unknown}; refusing to guess their meaning")
+    if "head_dim" not in kwargs or kwargs["head_dim"] is None:
+        kwargs["head_dim"] = kwargs.get("hidden_size", 5120) // kwargs.get("num_attention_heads", 40)
+    cfg = TextConfig(rope_theta=theta, rope_scaling=scaling, **kwargs)
+    if layer_types is not None:
+        if len(layer_types) != cfg.num_hidden_layers:
+            raise ValueError(f"{where}: layer_types has {len(layer_types)} entries, expected "
+                             f"{cfg.num_hidden_layers}")
+        want = ["chunked_attention" if cfg.is_chunked(i) else "full_attention"
+                for i in range(cfg.num_hidden_layers)]
+        if list(layer_types) != want:
+            bad = [i for i, (a, b) in enumerate(zip(layer_types, want)) if a != b]
+            raise ValueError(f"{where}: layer_types contradicts no_rope_layers/attention_chunk_size at "
+                             f"layers {bad} (layer_types says {[layer_types[i] for i in bad]})")
+    return cfg
+
+
+def _vision_from_hf(d: dict, where: str) -> VisionConfig:
+    d = dict(d)
+    params = d.pop("rope_parameters", None) or {}
+    theta = d.pop("rope_theta", params.get("rope_theta", 10000.0))
+    known = {f.name for f in fields(VisionConfig)}
+    ignored = _TEXT_IGNORED | {"vision_feature_layer", "vision_feature_select_strategy", "projector_dropout",
+                               "attention_dropout", "norm_eps"}
+    unknown = sorted(k for k in d if k not in known and k not in ignored)
+    if unknown:
+        raise ValueError(f"{where}: unknown vision config fields {unknown}")
+    kwargs = {k: v for k, v in d.items() if k in known}
+    return VisionConfig(rope_theta=float(theta), **kwargs)
+
+
+def config_from_hf(d: dict, where: str = "config.json") -> Llama4Config:
+    """Build a config from a parsed HF `config.json` (multimodal or text-only, 4.x or 5.x)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(d).__name__}")
+    model_type = d.get("model_type")
+    archs = d.get("architectures") or []
+    if "text_config" in d or model_type == "llama4":
+        if "text_config" not in d:
+            raise ValueError(f"{where}: model_type 'llama4' needs a 'text_config' section")
+        text = _text_from_hf(d["text_config"], f"{where}: text_config")
+        vision = _vision_from_hf(d["vision_config"], f"{where}: vision_config") if d.get("vision_config") else None
+        cfg = Llama4Config(text, vision, image_token_index=d.get("image_token_index", 200092),
+                           boi_token_index=d.get("boi_token_index", 200080),
+                           eoi_token_index=d.get("eoi_token_index", 200081))
+    elif model_type in ("llama4_text", None) and ("hidden_size" in d or ARCH_TEXT in archs):
+        cfg = Llama4Config(_text_from_hf(d, where), None)
+    else:
+        raise ValueError(f"{where}: not a Llama 4 config (model_type={model_type!r}, architectures={archs}); "
+                         f"expected model_type 'llama4' or 'llama4_text'")
+    tie = d.get("tie_word_embeddings", d.get("text_config", {}).get("tie_word_embeddings", False))
+    cfg.text.tie_word_embeddings = bool(tie)
+    return cfg
+
+
+def load_config(path: str | Path) -> Llama4Config:
+    """Read `config.json` from a checkpoint directory (or the file itself)."""
+    p = Path(path)
+    f = p / "config.json" if p.is_dir() else p
+    if not f.exists():
+        raise FileNotFoundError(f"{f}: no config.json (expected an HF checkpoint directory with config.json)")
+    try:
+        d = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f}: not valid JSON ({e})") from None
+    return config_from_hf(d, str(f))
+
+
+def _text_to_hf(t: TextConfig, spelling: int) -> dict:
+    d = asdict(t)
+    theta, scaling = d.pop("rope_theta"), d.pop("rope_scaling")
+    if spelling >= 5:
+        d["rope_parameters"] = {"rope_type": "default", "rope_theta": theta} if scaling is None else \
+            {"rope_theta": theta, **scaling}
+        d["layer_types"] = ["chunked_attention" if t.is_chunked(i) else "full_attention"
+                            for i in range(t.num_hidden_layers)]
+    else:
+        d["rope_theta"], d["rope_scaling"] = theta, scaling
+    d["model_type"] = "llama4_text"
+    d["attention_dropout"] = 0.0
+    d["router_jitter_noise"] = 0.0
+    return d
+
+
+def config_to_hf(cfg: Llama4Config, spelling: int = 4) -> dict:
+    """The HF `config.json` dict; `spelling=4` writes `rope_theta`+`rope_scaling` (as the published
+    checkpoints), `spelling=5` writes `rope_parameters` + `layer_types` (transformers 5.x)."""
+    text = _text_to_hf(cfg.text, spelling)
+    if cfg.vision is None:
+        return {"architectures": [ARCH_TEXT], **text}
+    v = asdict(cfg.vision)
+    v["model_type"] = "llama4_vision_model"
+    if spelling >= 5:
+        v["rope_parameters"] = {"rope_type": "default", "rope_theta": v.pop("rope_theta")}
+    return {
+        "architectures": [ARCH_MULTIMODAL],
+        "model_type": "llama4",
+        "boi_token_index": cfg.boi_token_index,
+        "eoi_token_index": cfg.eoi_token_index,
+        "image_token_index": cfg.image_token_index,
+        "tie_word_embeddings": cfg.text.tie_word_embeddings,
+        "text_config": text,
+        "vision_config": v,
+    }
+
+
+def save_config(cfg: Llama4Config, path: str | Path, spelling: int = 4) -> Path:
+    p = Path(path)
+    f = p / "config.json" if p.is_dir() or not p.suffix else p
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_text(json.dumps(config_to_hf(cfg, spelling), indent=2) + "\n")
+    return f
+
+
+# Parameter accounting (no weights allocated) -----------------------------------------------------
+
+def _vision_params(v: VisionConfig, text_hidden: int) -> int:
+    d, i = v.hidden_size, v.intermediate_size
+    patches = (v.image_size // v.patch_size) ** 2
+    n = v.num_channels * v.patch_size**2 * d  # unfold patch embedding (no bias)
+    n += d + (patches + 1) * d  # class token + positional embedding
+    n += 2 * 2 * d  # pre / post LayerNorm
+    layer = 4 * (d * d + d) + (d * i + i) + (i * d + d) + 2 * 2 * d
+    n += v.num_hidden_layers * layer
+    # adapter MLP: HF sizes fc1's input by `intermediate_size` (= the pixel-shuffled width in every release)
+    n += i * v.projector_input_dim + v.projector_output_dim * v.projector_output_dim
+    n += v.vision_output_dim * text_hidden + (text_hidden if v.multi_modal_projector_bias else 0)
+    return n
+
+
+def parameter_counts(cfg: Llama4Config) -> dict[str, int]:
+    """`total`: every parameter in the HF layout (vision tower included); `active`: the text
+    parameters one token uses (embeddings and lm_head in full, top-k of the routed experts)."""
+    t = cfg.text
+    D, hd = t.hidden_size, t.head_dim
+    attn = D * hd * (2 * t.num_attention_heads + 2 * t.num_key_value_heads)
+    if t.attention_bias:
+        attn += hd * (t.num_attention_heads + 2 * t.num_key_value_heads) + D
+    swiglu = lambda f: 3 * D * f  # noqa: E731
+    total = active = 0
+    for i in range(t.num_hidden_layers):
+        base = attn + 2 * D
+        if t.is_moe(i):
+            shared = t.num_local_experts * D + swiglu(t.intermediate_size)  # router + shared expert
+            total += base + shared + t.num_local_experts * swiglu(t.intermediate_size)
+            active += base + shared + t.num_experts_per_tok * swiglu(t.intermediate_size)
+        else:
+            total += base + swiglu(t.intermediate_size_mlp)
+            active += base + swiglu(t.intermediate_size_mlp)
+    emb = t.vocab_size * D * (1 if t.tie_word_embeddings else 2) + D
+    total += emb
+    active += emb
+    if cfg.vision is not None:
+        total += _vision_params(cfg.vision, D)
+    return {"total": total, "active": active}
+
+
+def kv_bytes_per_token(cfg: Llama4Config, dtype_bytes: int = 2) -> dict[str, int]:
+    """KV-cache bytes one token costs, by layer kind (keys + values, all layers of that kind)."""
+    t = cfg.text
+    per_layer = 2 * t.num_key_value_heads * t.head_dim * dtype_bytes
+    local = sum(t.is_chunked(i) for i in range(t.num_hidden_layers))
+    return {"local": local * per_layer, "global": (t.num_hidden_layers - local) * per_layer}
+
+
+def kv_cache_bytes(cfg: Llama4Config, context: int, dtype_bytes: int = 2) -> dict[str, int]:
+    """KV-cache bytes for `context` tokens: local layers hold at most one chunk, global layers all."""
+    per = kv_bytes_per_token(cfg, dtype_bytes)
+    chunk = cfg.text.attention_chunk_size or context
+    local = per["local"] * min(context, chunk)
+    glob = per["global"] * context
+    return {"local": local, "global": glob, "total": local + glob}
+
+
+def human(n: float, unit: str = "") -> str:
+    for suffix in ("", "K", "M", "G", "T", "P"):
+        if abs(n) < 1000 or suffix == "P":
+            return f"{n:.3g}{suffix}{unit}" if suffix else f"{n:,.0f}{unit}"
+        n /= 1000
+    return f"{n}{unit}"
+
+
+def bytes_human(n: float) -> str:
+    for suffix in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024 or suffix == "PiB":
+            return f"{n:.4g} {suffix}"
+        n /= 1024
+    return f"{n} B"
+
+
+__all__ = ["TextConfig", "VisionConfig", "Llama4Config", "preset", "PRESETS", "config_from_hf",
+           "config_to_hf", "load_config", "save_config", "parameter_counts", "kv_bytes_per_token",
+           "kv_cache_bytes"]
