@@ -1,0 +1,8 @@
+"""llama4: Meta's Llama 4 model family in plain, readable PyTorch."""
+
+from .config import (Llama4Config, TextConfig, VisionConfig, config_from_hf, config_to_hf, kv_cache_bytes,
+                     load_config, parameter_counts, preset, save_config)
+
+__all__ = ["Llama4Config", "TextConfig", "VisionConfig", "config_from_hf", "config_to_hf", "kv_cache_bytes",
+           "load_config", "parameter_counts", "preset", "save_config"]
+__version__ = "0.1.0"
