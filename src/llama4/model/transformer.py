@@ -1,0 +1,128 @@
+"""The Llama 4 decoder: embeddings -> blocks (attention + MoE/dense FFN) -> norm -> logits.
+
+Single device, no I/O: checkpoints, tokenizers and parallelism wrap it from outside. Images enter
+as embeddings written into the `<|patch|>` positions (early fusion) before the first block.
+
+Shape legend: B batch, T tokens, D model dim, V vocab, N image tiles, P patch tokens per tile.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import Llama4Config, TextConfig
+from .attention import Attention
+from .cache import LayerCache
+from .layers import RMSNorm, SwiGLU, rope_freqs, rope_inv_freq
+from .moe import MoE
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attention = Attention(cfg, layer)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.feed_forward = MoE(cfg) if cfg.is_moe(layer) else SwiGLU(cfg.hidden_size, cfg.intermediate_size_mlp)
+
+    def forward(self, x_BTD, pos_T, freqs_TF, cache: LayerCache | None = None):
+        h_BTD = x_BTD + self.attention(self.attention_norm(x_BTD), pos_T, freqs_TF, cache)
+        return h_BTD + self.feed_forward(self.ffn_norm(h_BTD))
+
+
+class Llama4(nn.Module):
+    """Text decoder, plus the vision encoder and projector when the config has a vision part."""
+
+    def __init__(self, cfg: Llama4Config):
+        super().__init__()
+        self.config = cfg
+        t = cfg.text
+        self.tok_embeddings = nn.Embedding(t.vocab_size, t.hidden_size)
+        self.layers = nn.ModuleList(Block(t, i) for i in range(t.num_hidden_layers))
+        self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps)
+        self.output = nn.Linear(t.hidden_size, t.vocab_size, bias=False)
+        if t.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.vision = None
+        if cfg.vision is not None:
+            from .vision import VisionEncoder
+
+            self.vision = VisionEncoder(cfg.vision, t.hidden_size)
+        self.register_buffer("inv_freq", rope_inv_freq(t.head_dim, t.rope_theta, t.rope_scaling), persistent=False)
+
+    # Weights --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, std: float | None = None, seed: int | None = None) -> "Llama4":
+        """Random init (normal(0, std) matrices, unit norms). Kept out of __init__ so the model can be
+        built on the meta device and filled from a checkpoint instead."""
+        std = self.config.text.initializer_range if std is None else std
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name, p in self.named_parameters():
+            if p.is_meta:
+                continue
+            if name.endswith(("norm.weight", "layernorm_pre.weight", "layernorm_post.weight")) or \
+                    (p.ndim == 1 and "norm" in name and name.endswith("weight")):
+                p.fill_(1.0)
+            elif p.ndim == 1 and name.endswith("bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
+        self.reset_buffers()
+        return self
+
+    def reset_buffers(self) -> None:
+        """Recompute non-persistent buffers (needed after building on the meta device)."""
+        t = self.config.text
+        self.inv_freq = rope_inv_freq(t.head_dim, t.rope_theta, t.rope_scaling).to(self.output.weight.device)
+        for m in self.modules():
+            if isinstance(m, MoE):
+                m.expert_bias_E = torch.zeros(m.n_experts, device=self.output.weight.device)
+        if self.vision is not None:
+            self.vision.reset_buffers()
+
+    # Forward --------------------------------------------------------------------------------------
+    def embed(self, input_ids_BT: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with image features written into the `<|patch|>` slots (early fusion)."""
+        _check_ids(input_ids_BT, self.config.text.vocab_size)
+        x_BTD = self.tok_embeddings(input_ids_BT)
+        if pixel_values is None:
+            return x_BTD
+        if self.vision is None:
+            raise ValueError("pixel_values given but this model has no vision encoder (text-only config)")
+        slots_BT = input_ids_BT == self.config.image_token_index
+        feats_ND = self.vision(pixel_values.to(x_BTD.dtype)).reshape(-1, x_BTD.shape[-1])
+        n_slots = int(slots_BT.sum())
+        if n_slots != feats_ND.shape[0]:
+            raise ValueError(f"image features do not match <|patch|> slots: the prompt has {n_slots} slots "
+                             f"(token id {self.config.image_token_index}) but {pixel_values.shape[0]} tiles "
+                             f"give {feats_ND.shape[0]} features")
+        return x_BTD.masked_scatter(slots_BT.unsqueeze(-1), feats_ND.to(x_BTD.dtype))
+
+    def forward(self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None, *,
+                embeds: torch.Tensor | None = None, start_pos: int = 0,
+                cache: list[LayerCache] | None = None, return_hidden: bool = False) -> torch.Tensor:
+        """Logits [B, T, V] for tokens at absolute positions [start_pos, start_pos + T).
+
+        `cache` (from `make_cache`) is read and extended in place; without it the call sees only
+        these T tokens. `return_hidden` skips the vocabulary projection (for chunked losses).
+        """
+        x_BTD = self.embed(input_ids, pixel_values) if embeds is None else embeds
+        T = x_BTD.shape[1]
+        pos_T = torch.arange(start_pos, start_pos + T, device=x_BTD.device)
+        freqs_TF = rope_freqs(pos_T, self.inv_freq)
+        for i, layer in enumerate(self.layers):
+            x_BTD = layer(x_BTD, pos_T, freqs_TF, None if cache is None else cache[i])
+        h_BTD = self.norm(x_BTD)
+        return h_BTD if return_hidden else self.output(h_BTD)
+
+
+def _check_ids(input_ids: torch.Tensor, vocab: int) -> None:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids must be an integer tensor [B, T], got "
+                         f"{getattr(input_ids, 'dtype', type(input_ids).__name__)}")
+    if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must have shape [B, T] with T >= 1, got {tuple(input_ids.shape)}")
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"token ids must be in [0, {vocab}), got values in [{lo}, {hi}]")

@@ -1,0 +1,118 @@
+"""The Llama 4 vision tower: ViT with 2D RoPE -> pixel shuffle -> adapter MLP -> projector to text width.
+
+Each tile becomes P = (S/patch)^2 * ratio^2 embeddings (144 for 336-px tiles) that the decoder reads
+at the `<|patch|>` positions.
+
+Shape legend: N tiles, C channels, S tile side in pixels, L patches per tile (+1 with the class token),
+D vision width, Dh head dim, P tokens per tile after pixel shuffle, E text width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import VisionConfig
+from .layers import apply_rope
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, v: VisionConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = v.num_attention_heads, v.hidden_size // v.num_attention_heads
+        self.wq = nn.Linear(v.hidden_size, v.hidden_size)
+        self.wk = nn.Linear(v.hidden_size, v.hidden_size)
+        self.wv = nn.Linear(v.hidden_size, v.hidden_size)
+        self.wo = nn.Linear(v.hidden_size, v.hidden_size)
+
+    def forward(self, x_NLD: torch.Tensor, freqs_LF: torch.Tensor) -> torch.Tensor:
+        N, L, _ = x_NLD.shape
+        q, k, v = (w(x_NLD).view(N, L, self.n_heads, self.head_dim) for w in (self.wq, self.wk, self.wv))
+        q, k = apply_rope(q, freqs_LF), apply_rope(k, freqs_LF)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.wo(out.transpose(1, 2).reshape(N, L, -1))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, v: VisionConfig):
+        super().__init__()
+        self.attention_norm = nn.LayerNorm(v.hidden_size)
+        self.attention = VisionAttention(v)
+        self.ffn_norm = nn.LayerNorm(v.hidden_size)
+        self.fc1 = nn.Linear(v.hidden_size, v.intermediate_size)
+        self.fc2 = nn.Linear(v.intermediate_size, v.hidden_size)
+
+    def forward(self, x_NLD, freqs_LF):
+        x_NLD = x_NLD + self.attention(self.attention_norm(x_NLD), freqs_LF)
+        return x_NLD + self.fc2(F.gelu(self.fc1(self.ffn_norm(x_NLD))))
+
+
+def pixel_shuffle(x_NLD: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Trade spatial resolution for width: [N, h*w, D] -> [N, h*w*r^2, D/r^2] (the published ordering)."""
+    N, L, D = x_NLD.shape
+    side = int(math.isqrt(L))
+    x = x_NLD.view(N, side, side, D)
+    x = x.view(N, side, int(side * ratio), int(D / ratio)).permute(0, 2, 1, 3).contiguous()
+    x = x.view(N, int(side * ratio), int(side * ratio), int(D / ratio**2)).permute(0, 2, 1, 3).contiguous()
+    return x.view(N, -1, x.shape[-1])
+
+
+def vision_rope_freqs(v: VisionConfig) -> torch.Tensor:
+    """2D RoPE for the patch grid plus the class token (which gets no rotation): [L+1, Dh/2] complex.
+
+    Half of each head's pairs rotate with the patch's x coordinate, half with its y coordinate.
+    """
+    side = v.image_size // v.patch_size
+    idx = torch.arange(side * side, dtype=torch.int32).reshape(-1, 1)
+    idx = torch.cat([idx, idx[:1]], dim=0)
+    idx[-1, -1] = -2  # the class token
+    fx, fy = idx % side, idx // side
+    freq_dim = v.hidden_size // v.num_attention_heads // 2
+    base = 1.0 / (v.rope_theta ** (torch.arange(0, freq_dim, 2)[: freq_dim // 2].float() / freq_dim))
+    ax = ((fx + 1)[..., None] * base[None, None, :]).repeat_interleave(2, dim=-1)
+    ay = ((fy + 1)[..., None] * base[None, None, :]).repeat_interleave(2, dim=-1)
+    angles = torch.cat([ax, ay], dim=-1).float()[..., ::2]
+    angles = angles.masked_fill(idx.reshape(-1, 1, 1) < 0, 0)
+    return torch.polar(torch.ones_like(angles), angles).squeeze(1)
+
+
+class VisionEncoder(nn.Module):
+    def __init__(self, v: VisionConfig, text_dim: int):
+        super().__init__()
+        self.config = v
+        n_patches = (v.image_size // v.patch_size) ** 2
+        self.patch_embed = nn.Linear(v.num_channels * v.patch_size**2, v.hidden_size, bias=False)
+        self.class_embedding = nn.Parameter(torch.empty(v.hidden_size))
+        self.positional_embedding = nn.Parameter(torch.empty(n_patches + 1, v.hidden_size))
+        self.layernorm_pre = nn.LayerNorm(v.hidden_size)
+        self.layers = nn.ModuleList(VisionBlock(v) for _ in range(v.num_hidden_layers))
+        self.layernorm_post = nn.LayerNorm(v.hidden_size)
+        # Adapter after pixel shuffle; HF sizes fc1's input by `intermediate_size`.
+        self.adapter_fc1 = nn.Linear(v.intermediate_size, v.projector_input_dim, bias=False)
+        self.adapter_fc2 = nn.Linear(v.projector_output_dim, v.projector_output_dim, bias=False)
+        self.projector = nn.Linear(v.vision_output_dim, text_dim, bias=v.multi_modal_projector_bias)
+        self.register_buffer("freqs_LF", vision_rope_freqs(v), persistent=False)
+
+    def reset_buffers(self) -> None:
+        self.freqs_LF = vision_rope_freqs(self.config).to(self.projector.weight.device)
+
+    def forward(self, pixels_NCSS: torch.Tensor) -> torch.Tensor:
+        """Tiles [N, C, S, S] -> text-space embeddings [N, P, E]."""
+        v = self.config
+        if pixels_NCSS.ndim != 4 or tuple(pixels_NCSS.shape[1:]) != (v.num_channels, v.image_size, v.image_size):
+            raise ValueError(f"pixel_values must have shape [N, {v.num_channels}, {v.image_size}, {v.image_size}], "
+                             f"got {tuple(pixels_NCSS.shape)}")
+        patches = F.unfold(pixels_NCSS, kernel_size=v.patch_size, stride=v.patch_size).transpose(1, 2)
+        x_NLD = self.patch_embed(patches)
+        cls = self.class_embedding.expand(x_NLD.shape[0], 1, -1)
+        x_NLD = torch.cat([x_NLD, cls], dim=1) + self.positional_embedding
+        x_NLD = self.layernorm_pre(x_NLD)
+        for layer in self.layers:
+            x_NLD = layer(x_NLD, self.freqs_LF)
+        x_NLD = self.layernorm_post(x_NLD)[:, :-1]  # drop the class token
+        x_NPD = pixel_shuffle(x_NLD, v.pixel_shuffle_ratio)
+        x_NPD = F.gelu(self.adapter_fc2(F.gelu(self.adapter_fc1(x_NPD))))
+        return self.projector(x_NPD)
