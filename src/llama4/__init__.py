@@ -2,9 +2,10 @@
 
 from .config import (Llama4Config, TextConfig, VisionConfig, config_from_hf, config_to_hf, kv_cache_bytes,
                      load_config, parameter_counts, preset, save_config)
+from .tokenizer import Tokenizer
 
 __all__ = ["Llama4Config", "TextConfig", "VisionConfig", "config_from_hf", "config_to_hf", "kv_cache_bytes",
-           "load_config", "parameter_counts", "preset", "save_config"]
+           "load_config", "parameter_counts", "preset", "save_config", "Tokenizer"]
 __version__ = "0.1.0"
 
 from .checkpoint import load, save  # noqa: E402

@@ -10,6 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .tokenizer_cli import add_tokenizer
+
 
 def _load_config_or_preset(spec: str):
     from .config import PRESETS, load_config, preset
@@ -69,7 +71,7 @@ def add_inspect(sub) -> None:
 
 
 # Each entry adds one subcommand; features append theirs here.
-_COMMANDS = [add_inspect]
+_COMMANDS = [add_inspect, add_tokenizer]
 
 
 def build_parser() -> argparse.ArgumentParser:
