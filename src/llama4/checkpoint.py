@@ -107,8 +107,8 @@ class KeyMap:
 
 # Loading ------------------------------------------------------------------------------------------
 
-def _weight_files(root: Path) -> dict[str, Path]:
-    """HF key -> the safetensors file that holds it (read from headers only)."""
+def _weight_files(root: Path) -> tuple[dict[str, Path], dict[Path, dict]]:
+    """(HF key -> the safetensors file that holds it, file -> its header), from headers only."""
     index = root / "model.safetensors.index.json"
     if index.exists():
         try:
@@ -125,9 +125,10 @@ def _weight_files(root: Path) -> dict[str, Path]:
             raise FileNotFoundError(f"{root}: no model.safetensors, model.safetensors.index.json or *.safetensors")
         weight_map = None
     located: dict[str, Path] = {}
+    headers = {root / name: _header(root / name) for name in files}
     for name in files:
         path = root / name
-        for key in _header(path):
+        for key in headers[path]:
             if key in located:
                 raise ValueError(f"tensor {key!r} appears in both {located[key].name} and {name}")
             located[key] = path
@@ -137,7 +138,7 @@ def _weight_files(root: Path) -> dict[str, Path]:
             k = listed_not_found[0]
             raise ValueError(f"{index}: {len(listed_not_found)} keys are not where the index says, e.g. {k!r} "
                              f"should be in {weight_map[k]}")
-    return located
+    return located, headers
 
 
 def _header(path: Path) -> dict[str, dict]:
@@ -183,7 +184,7 @@ def load(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: s
 
         return load_meta(root, dtype=dtype, device=device)
     cfg = load_config(root)
-    located = _weight_files(root)
+    located, headers = _weight_files(root)
     multimodal = _detect_layout(located, root)
     if multimodal and cfg.vision is None:
         raise ValueError(f"{root}: the weights are multimodal (language_model.* keys) but config.json has no "
@@ -200,7 +201,6 @@ def load(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: s
         expected.pop("output.weight", None)
 
     # Check names and shapes against the headers before allocating anything.
-    headers = {p: _header(p) for p in set(located.values())}
     plan: list[tuple[str, str, Path]] = []
     unexpected = []
     for hf_key, file in located.items():

@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny random transformers Llama 4 models saved to disk, as oracles."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import llama4
+from llama4.config import config_to_hf
+
+
+def hf_model(cfg: llama4.Llama4Config, seed: int = 0, std: float = 0.08):
+    """A transformers Llama 4 model for `cfg` (multimodal if it has vision), with weights large
+    enough that a wrong layer changes the logits visibly (HF's default init is too small)."""
+    from transformers import Llama4Config as HFConfig
+    from transformers import Llama4ForCausalLM, Llama4ForConditionalGeneration, Llama4TextConfig
+
+    d = config_to_hf(cfg, spelling=5)
+    d.pop("architectures")
+    torch.manual_seed(seed)
+    if cfg.vision is None:
+        model = Llama4ForCausalLM(Llama4TextConfig(**d))
+    else:
+        model = Llama4ForConditionalGeneration(HFConfig(**d))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight") and p.ndim == 1:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0.0, std)
+    return model.eval()
+
+
+def hf_text_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """Text-only logits from either transformers class (its multimodal forward needs images)."""
+    lm = getattr(model, "language_model", model)
+    with torch.no_grad():
+        return lm(input_ids=ids).logits
+
+
+def save_hf(model, path: Path, *, spelling4: bool = False) -> Path:
+    """save_pretrained; optionally rewrite config.json in the transformers 4.x spelling with the
+    published int `attn_temperature_tuning`, as the real checkpoints ship."""
+    model.save_pretrained(path)
+    if spelling4:
+        f = path / "config.json"
+        d = json.loads(f.read_text())
+        text = d.get("text_config", d)
+        params = text.pop("rope_parameters")
+        text["rope_theta"] = params.pop("rope_theta")
+        text["rope_scaling"] = None if params.get("rope_type") == "default" else params
+        text.pop("layer_types", None)
+        text["attn_temperature_tuning"] = 4 if text.get("attn_temperature_tuning") else 0
+        f.write_text(json.dumps(d, indent=2))
+    return path
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+def small_text(**overrides) -> llama4.Llama4Config:
+    """A text-only config small enough for fast parity tests; chunked attention with small chunks."""
+    base = dict(vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=16, intermediate_size=96, intermediate_size_mlp=128, num_local_experts=4,
+                attention_chunk_size=32, floor_scale=8, attn_scale=0.5, max_position_embeddings=4096,
+                bos_token_id=1, eos_token_id=[2], pad_token_id=0)
+    base.update(overrides)
+    return llama4.Llama4Config(llama4.TextConfig(**base), None, name="test")
+
+
+@pytest.fixture
+def tmp_ckpt(tmp_path):
+    return tmp_path / "ckpt"
