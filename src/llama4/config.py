@@ -146,6 +146,20 @@ class VisionConfig:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"invalid vision config: hidden_size={self.hidden_size} is not a multiple of "
                              f"num_attention_heads={self.num_attention_heads}")
+        # transformers sizes the adapter's fc1 input by `intermediate_size` and feeds fc1 the pixel-shuffled
+        # width, and the adapter and projector widths chain; every release satisfies both.
+        side = self.image_size // self.patch_size
+        if side * self.pixel_shuffle_ratio != int(side * self.pixel_shuffle_ratio):
+            raise ValueError(f"invalid vision config: the {side}x{side} patch grid cannot be pixel-shuffled by "
+                             f"pixel_shuffle_ratio={self.pixel_shuffle_ratio} (need a whole number of rows)")
+        shuffled = self.hidden_size / self.pixel_shuffle_ratio**2
+        if self.intermediate_size != shuffled:
+            raise ValueError(f"invalid vision config: intermediate_size={self.intermediate_size} must equal "
+                             f"hidden_size / pixel_shuffle_ratio**2 = {shuffled:g} (the adapter's input width)")
+        if not self.projector_input_dim == self.projector_output_dim == self.vision_output_dim:
+            raise ValueError(f"invalid vision config: projector_input_dim={self.projector_input_dim}, "
+                             f"projector_output_dim={self.projector_output_dim} and vision_output_dim="
+                             f"{self.vision_output_dim} must be equal (the adapter MLP and projector chain them)")
 
     @property
     def tokens_per_tile(self) -> int:
@@ -213,7 +227,7 @@ def _tiny() -> Llama4Config:
                       floor_scale=32, max_position_embeddings=1 << 20,
                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 256})
-    vision = VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    vision = VisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                           image_size=56, patch_size=14, projector_input_dim=128, projector_output_dim=128,
                           vision_output_dim=128)
     return Llama4Config(text, vision, name="tiny")
