@@ -2,10 +2,13 @@
 
 from .config import (Llama4Config, TextConfig, VisionConfig, config_from_hf, config_to_hf, kv_cache_bytes,
                      load_config, parameter_counts, preset, save_config)
+from .media import load_image, preprocess_image
 from .tokenizer import Tokenizer
+from .video import load_video
 
 __all__ = ["Llama4Config", "TextConfig", "VisionConfig", "config_from_hf", "config_to_hf", "kv_cache_bytes",
-           "load_config", "parameter_counts", "preset", "save_config", "Tokenizer"]
+           "load_config", "parameter_counts", "preset", "save_config", "Tokenizer",
+           "load_image", "preprocess_image", "load_video"]
 __version__ = "0.1.0"
 
 from .checkpoint import load, save  # noqa: E402
