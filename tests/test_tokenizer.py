@@ -8,7 +8,8 @@ import pytest
 
 import llama4
 from llama4.cli import main as cli_main
-from llama4.tokenizer import MAX_ENCODE_CHARS, MAX_RUN_CHARS, SPECIAL_TOKENS, Tokenizer, _segments
+from llama4.tokenizer import (_IS_SPACE, MAX_ENCODE_CHARS, MAX_RUN_CHARS, SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer,
+                              _segments)
 from llama4.tokenizer_cli import train_tokenizer
 
 ref_module = pytest.importorskip("llama_models.llama4.tokenizer")
@@ -114,6 +115,17 @@ def test_segments_cut_where_llama_models_cuts(text):
     assert _segments(text) == _ref_segments(text)
 
 
+def test_whitespace_table_is_str_isspace():
+    assert not any(chr(c).isspace() for c in range(len(_IS_SPACE) - 1, 0x110000))
+    assert [bool(x) for x in _IS_SPACE[:-1]] == [chr(c).isspace() for c in range(len(_IS_SPACE) - 1)]
+
+
+def test_lone_surrogates_encode_like_llama_models(tok, ref):
+    text = "a\ud800b \udfff" + "x" * (MAX_RUN_CHARS + 5)
+    assert _segments(text) == _ref_segments(text)
+    assert tok.encode(text) == ref.encode(text, bos=False, eos=False)
+
+
 def test_long_inputs_match_llama_models(tok, ref):
     rng = random.Random(1)
     words = ["the", "Llama", "模型", "👍🏽", "def", "\n", "  ", "12345", "ünïcödé", "\t"]
@@ -211,3 +223,20 @@ def test_cli_train(tmp_path, capsys):
     assert cli_main(["tokenizer", "train", "--corpus", str(corpus), "--vocab-size", "100", "--out",
                      str(tmp_path / "x")]) == 2
     assert "below 256" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_converted_tokenizer_json_matches_tokenizer_model(tmp_path, tok):
+    """A checkpoint's tokenizer.json (converted from tokenizer.model as transformers converts Llama 4's)
+    gives the same ids through the `tokenizers` backend as Meta's file through tiktoken."""
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    converter = TikTokenConverter(vocab_file=str(tok.path), pattern=SPLIT_PATTERN, extra_special_tokens=SPECIAL_TOKENS)
+    converter.converted().save(str(tmp_path / "tokenizer.json"))
+    hf = Tokenizer(tmp_path)
+    assert hf.path.name == "tokenizer.json" and hf.special_tokens == tok.special_tokens
+    rng = random.Random(4)
+    for text in BROAD + [_random_unicode(rng, 3000), "word " * 100_000 + "y" * 60_000]:
+        ids = hf.encode(text)
+        assert ids == tok.encode(text) and hf.decode(ids) == tok.decode(ids)
+        assert hf.encode(text, allow_special=True) == tok.encode(text, allow_special=True)

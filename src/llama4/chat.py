@@ -77,7 +77,7 @@ def _media_url(part: dict, key: str, where: str) -> str:
     value = part.get(key)
     url = value.get("url") if isinstance(value, dict) else value
     if not isinstance(url, str):
-        raise ValueError(f"{where}: a {key} part needs {{'{key}': {{'url': str}}}}, got {value!r}")
+        raise ValueError(f"{where}: {key} part needs {{'{key}': {{'url': str}}}}, got {value!r}")
     return url
 
 
