@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .synth import add_data
 from .tokenizer_cli import add_tokenizer
 
 
@@ -71,7 +72,7 @@ def add_inspect(sub) -> None:
 
 
 # Each entry adds one subcommand; features append theirs here.
-_COMMANDS = [add_inspect, add_tokenizer]
+_COMMANDS = [add_inspect, add_tokenizer, add_data]
 
 
 def build_parser() -> argparse.ArgumentParser:
