@@ -162,6 +162,17 @@ def test_decode_special_and_bad_ids(tok):
         tok.encode(b"bytes")
 
 
+def test_default_file_needs_llama_models(monkeypatch):
+    import importlib.resources
+
+    def no_package(name):
+        raise ModuleNotFoundError(name)
+
+    monkeypatch.setattr(importlib.resources, "files", no_package)
+    with pytest.raises(FileNotFoundError, match="pip install llama-models"):
+        Tokenizer()
+
+
 def test_load_from_directory_and_bad_files(tmp_path, tok):
     shutil.copy(tok.path, tmp_path / "tokenizer.model")
     assert Tokenizer(tmp_path).encode("Hello") == tok.encode("Hello")

@@ -54,7 +54,7 @@ class ChatEncoding:
 
 
 def image_block_ids(tokenizer: Tokenizer, grid: tuple[int, int], tokens_per_tile: int = 144) -> list[int]:
-    """Placeholder ids for one image cut into `grid` tiles (layout in /work/shared/reference/README.md).
+    """Placeholder ids for one image cut into `grid` tiles, `tokens_per_tile` `<|patch|>` ids per tile.
 
     A multi-tile image lists its tiles row by row (x separators between tiles, a y separator after each
     row), then `<|image|>` and the global thumbnail view; a one-tile image is only the `<|image|>` view.
