@@ -46,18 +46,15 @@ def load_video(source: MediaSource, *, num_frames: int = 8, fps: float | None = 
     av = _import_av()
     name, fp = open_source(source, "video")
     with fp:
-        try:
-            container = av.open(fp, mode="r")
-        except (av.error.FFmpegError, OSError, ValueError) as e:  # FFmpeg reports an empty file as EINVAL
-            raise ValueError(f"video {name!r} is not a readable video file: {e}") from None
-        with container:
-            if not container.streams.video:
-                raise ValueError(f"video {name!r} has no video stream")
-            stream = container.streams.video[0]
+        with _open_container(av, fp, name) as container:
+            start, duration = _stream_span(container, _video_stream(container, name), name)
+        # Decode with a fresh demuxer: raw streams cannot seek back after a duration scan.
+        fp.seek(0)
+        with _open_container(av, fp, name) as container:
+            stream = _video_stream(container, name)
             stream.thread_type = "AUTO"  # frame threads: decoding dominates the cost
+            times = _sample_times(duration, num_frames, fps)
             try:
-                start, duration = _stream_span(container, stream)
-                times = _sample_times(duration, num_frames, fps)
                 return list(_frames_at(container, stream, start, duration, times))
             except (av.error.FFmpegError, ValueError) as e:
                 raise ValueError(f"video {name!r} is corrupt or truncated: {e}") from None
@@ -87,20 +84,33 @@ def _import_av():
     return av
 
 
-def _stream_span(container, stream) -> tuple[float, float]:
+def _open_container(av, fp, name: str):
+    try:
+        return av.open(fp, mode="r")
+    except (av.error.FFmpegError, OSError, ValueError) as e:  # FFmpeg reports an empty file as EINVAL
+        raise ValueError(f"video {name!r} is not a readable video file: {e}") from None
+
+
+def _video_stream(container, name: str):
+    if not container.streams.video:
+        raise ValueError(f"video {name!r} has no video stream")
+    return container.streams.video[0]
+
+
+def _stream_span(container, stream, name: str) -> tuple[float, float]:
     """(start, duration) of the stream in seconds, from the header or, failing that, the packets."""
     start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
     if stream.duration:
         return start, float(stream.duration * stream.time_base)
     if container.duration:
         return start, container.duration / 1_000_000  # in AV_TIME_BASE units
-    # Some containers (raw streams, some WebM) carry no duration: read packet timestamps, which
-    # is cheap next to decoding, then rewind.
+    # Raw streams carry no duration: read the packet timestamps, cheap next to decoding.
     end = start
     for packet in container.demux(stream):
         if packet.pts is not None:
             end = max(end, float((packet.pts + (packet.duration or 0)) * stream.time_base))
-    container.seek(0)
+    if end <= start:
+        raise ValueError(f"video {name!r} has no timestamps (a raw elementary stream?); remux it into MP4 or MKV")
     return start, end - start
 
 
@@ -150,5 +160,5 @@ def _frames_at(container, stream, start: float, duration: float, times: list[flo
 
 def _seconds(frame, start: float) -> float:
     if frame.time is None:
-        raise ValueError("video frames carry no timestamps")
+        raise ValueError("its frames carry no timestamps")
     return frame.time - start
