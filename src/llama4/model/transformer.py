@@ -78,12 +78,15 @@ class Llama4(nn.Module):
         for m in self.modules():
             if isinstance(m, MoE):
                 m.expert_bias_E = torch.zeros(m.n_experts, device=self.output.weight.device)
-        if self.vision is not None:
-            self.vision.reset_buffers()
 
     # Forward --------------------------------------------------------------------------------------
     def embed(self, input_ids_BT: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings with image features written into the `<|patch|>` slots (early fusion)."""
+        """Token embeddings with image features written into the `<|patch|>` slots (early fusion).
+
+        `pixel_values` [N, C, S, S] holds every tile of every image of every row, in prompt order: the
+        slots are filled row by row, left to right, P = `tokens_per_tile` per tile. Without images this
+        is a plain lookup; the vision tower runs only when pixels are given.
+        """
         _check_ids(input_ids_BT, self.config.text.vocab_size)
         x_BTD = self.tok_embeddings(input_ids_BT)
         if pixel_values is None:
@@ -91,12 +94,16 @@ class Llama4(nn.Module):
         if self.vision is None:
             raise ValueError("pixel_values given but this model has no vision encoder (text-only config)")
         slots_BT = input_ids_BT == self.config.image_token_index
-        feats_ND = self.vision(pixel_values.to(x_BTD.dtype)).reshape(-1, x_BTD.shape[-1])
-        n_slots = int(slots_BT.sum())
-        if n_slots != feats_ND.shape[0]:
-            raise ValueError(f"image features do not match <|patch|> slots: the prompt has {n_slots} slots "
-                             f"(token id {self.config.image_token_index}) but {pixel_values.shape[0]} tiles "
-                             f"give {feats_ND.shape[0]} features")
+        # Check the count before running the tower: a mismatch is a prompt/tiling bug, not worth the compute.
+        if pixel_values.ndim != 4:
+            raise ValueError(f"pixel_values must be tiles [N, C, S, S], got shape {tuple(pixel_values.shape)}")
+        per_tile = self.config.vision.tokens_per_tile
+        n_slots, n_tiles = int(slots_BT.sum()), pixel_values.shape[0]
+        if n_slots != n_tiles * per_tile:
+            raise ValueError(f"image features do not match <|patch|> slots: input_ids hold {n_slots} slots "
+                             f"(token id {self.config.image_token_index}; per row {slots_BT.sum(1).tolist()}) "
+                             f"but pixel_values has {n_tiles} tiles x {per_tile} tokens = {n_tiles * per_tile}")
+        feats_ND = self.vision(pixel_values).reshape(-1, x_BTD.shape[-1])
         return x_BTD.masked_scatter(slots_BT.unsqueeze(-1), feats_ND.to(x_BTD.dtype))
 
     def forward(self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None, *,

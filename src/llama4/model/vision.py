@@ -51,27 +51,32 @@ class VisionBlock(nn.Module):
 
 
 def pixel_shuffle(x_NLD: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Trade spatial resolution for width: [N, h*w, D] -> [N, h*w*r^2, D/r^2] (the published ordering)."""
+    """Trade resolution for width: [N, h*w, D] -> [N, h*w*r^2, D/r^2], in the published ordering.
+
+    With r = 0.5 each output token is one 2x2 block of the patch grid (blocks in row-major order),
+    its features the block's four patches concatenated: (top-left, top-right, bottom-left, bottom-right).
+    """
     N, L, D = x_NLD.shape
-    side = int(math.isqrt(L))
-    x = x_NLD.view(N, side, side, D)
-    x = x.view(N, side, int(side * ratio), int(D / ratio)).permute(0, 2, 1, 3).contiguous()
-    x = x.view(N, int(side * ratio), int(side * ratio), int(D / ratio**2)).permute(0, 2, 1, 3).contiguous()
-    return x.view(N, -1, x.shape[-1])
+    side = math.isqrt(L)
+    small, wide = int(side * ratio), int(D / ratio)
+    x = x_NLD.view(N, side, small, wide).permute(0, 2, 1, 3).contiguous()
+    x = x.view(N, small, small, int(D / ratio**2)).permute(0, 2, 1, 3).contiguous()
+    return x.view(N, small * small, -1)
 
 
-def vision_rope_freqs(v: VisionConfig) -> torch.Tensor:
+def vision_rope_freqs(v: VisionConfig, device: torch.device | str | None = None) -> torch.Tensor:
     """2D RoPE for the patch grid plus the class token (which gets no rotation): [L+1, Dh/2] complex.
 
     Half of each head's pairs rotate with the patch's x coordinate, half with its y coordinate.
     """
     side = v.image_size // v.patch_size
-    idx = torch.arange(side * side, dtype=torch.int32).reshape(-1, 1)
+    idx = torch.arange(side * side, dtype=torch.int32, device=device).reshape(-1, 1)
     idx = torch.cat([idx, idx[:1]], dim=0)
     idx[-1, -1] = -2  # the class token
     fx, fy = idx % side, idx // side
     freq_dim = v.hidden_size // v.num_attention_heads // 2
-    base = 1.0 / (v.rope_theta ** (torch.arange(0, freq_dim, 2)[: freq_dim // 2].float() / freq_dim))
+    exponents = torch.arange(0, freq_dim, 2, device=device)[: freq_dim // 2].float() / freq_dim
+    base = 1.0 / (v.rope_theta ** exponents)
     ax = ((fx + 1)[..., None] * base[None, None, :]).repeat_interleave(2, dim=-1)
     ay = ((fy + 1)[..., None] * base[None, None, :]).repeat_interleave(2, dim=-1)
     angles = torch.cat([ax, ay], dim=-1).float()[..., ::2]
@@ -90,14 +95,13 @@ class VisionEncoder(nn.Module):
         self.layernorm_pre = nn.LayerNorm(v.hidden_size)
         self.layers = nn.ModuleList(VisionBlock(v) for _ in range(v.num_hidden_layers))
         self.layernorm_post = nn.LayerNorm(v.hidden_size)
-        # Adapter after pixel shuffle; HF sizes fc1's input by `intermediate_size`.
+        # Adapter after pixel shuffle; HF sizes fc1's input by `intermediate_size` (the config checks that
+        # it equals the shuffled width).
         self.adapter_fc1 = nn.Linear(v.intermediate_size, v.projector_input_dim, bias=False)
         self.adapter_fc2 = nn.Linear(v.projector_output_dim, v.projector_output_dim, bias=False)
-        self.projector = nn.Linear(v.vision_output_dim, text_dim, bias=v.multi_modal_projector_bias)
-        self.register_buffer("freqs_LF", vision_rope_freqs(v), persistent=False)
-
-    def reset_buffers(self) -> None:
-        self.freqs_LF = vision_rope_freqs(self.config).to(self.projector.weight.device)
+        # transformers' projector never has a bias, whatever `multi_modal_projector_bias` says, and the
+        # published checkpoints carry none.
+        self.projector = nn.Linear(v.vision_output_dim, text_dim, bias=False)
 
     def forward(self, pixels_NCSS: torch.Tensor) -> torch.Tensor:
         """Tiles [N, C, S, S] -> text-space embeddings [N, P, E]."""
@@ -105,13 +109,18 @@ class VisionEncoder(nn.Module):
         if pixels_NCSS.ndim != 4 or tuple(pixels_NCSS.shape[1:]) != (v.num_channels, v.image_size, v.image_size):
             raise ValueError(f"pixel_values must have shape [N, {v.num_channels}, {v.image_size}, {v.image_size}], "
                              f"got {tuple(pixels_NCSS.shape)}")
+        pixels_NCSS = pixels_NCSS.to(self.patch_embed.weight.dtype)
+        # Each patch flattened channel-major (C, row, col), the order the checkpoint's linear expects.
         patches = F.unfold(pixels_NCSS, kernel_size=v.patch_size, stride=v.patch_size).transpose(1, 2)
         x_NLD = self.patch_embed(patches)
         cls = self.class_embedding.expand(x_NLD.shape[0], 1, -1)
         x_NLD = torch.cat([x_NLD, cls], dim=1) + self.positional_embedding
         x_NLD = self.layernorm_pre(x_NLD)
+        # Rebuilt per call (a few kernels, nothing next to the tower) rather than held as a buffer: a
+        # complex buffer would lose its imaginary part to `model.to(torch.bfloat16)`.
+        freqs_LF = vision_rope_freqs(v, pixels_NCSS.device)
         for layer in self.layers:
-            x_NLD = layer(x_NLD, self.freqs_LF)
+            x_NLD = layer(x_NLD, freqs_LF)
         x_NLD = self.layernorm_post(x_NLD)[:, :-1]  # drop the class token
         x_NPD = pixel_shuffle(x_NLD, v.pixel_shuffle_ratio)
         x_NPD = F.gelu(self.adapter_fc2(F.gelu(self.adapter_fc1(x_NPD))))
