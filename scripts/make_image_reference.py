@@ -29,7 +29,6 @@ OUT = Path(__file__).resolve().parent.parent / "tests" / "data" / "image_referen
 SAMPLES_PER_CASE = 256
 SWEEP_SIZE = 3000
 
-# (name, height, width, max_tiles, tile_size, mode)
 _SIZES = [
     (1, 1), (2, 3), (5, 1), (1, 5), (17, 29), (100, 100), (335, 337), (337, 335),
     (336, 336), (336, 672), (672, 336), (1008, 336), (672, 672), (1344, 1344),
@@ -37,6 +36,7 @@ _SIZES = [
     (600, 800), (800, 600), (1080, 1920), (1920, 1080), (500, 2000), (2000, 500),
     (1321, 1321), (2266, 4532), (768, 1024), (3000, 4000), (4000, 3000),
 ]
+# (name, height, width, max_tiles, tile_size, mode)
 CASES = (
     [(f"size-{h}x{w}", h, w, 16, 336, "RGB") for h, w in _SIZES]
     + [(f"max_tiles-{m}", 700, 2100, m, 336, "RGB") for m in range(1, 17)]
@@ -111,7 +111,8 @@ def sample_positions(numel: int, name: str) -> list[int]:
     return sorted(rng.randrange(numel) for _ in range(SAMPLES_PER_CASE))
 
 
-def tiles_digest(tiles: "torch.Tensor") -> str:  # noqa: F821 (torch imported by callers)
+def tiles_digest(tiles) -> str:
+    """SHA-256 of a tile tensor's float32 bytes."""
     return hashlib.sha256(tiles.float().contiguous().numpy().tobytes()).hexdigest()
 
 

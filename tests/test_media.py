@@ -164,6 +164,9 @@ def test_bad_images_raise_clear_errors_and_the_process_carries_on(tmp_path):
     for source, message in cases:
         with pytest.raises(ValueError, match=message):
             load_image(source)
+    lazily_opened = Image.open(io.BytesIO(good[: len(good) // 2]))  # header fine, pixels cut off
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        preprocess_image(lazily_opened)
     assert load_image(good).size == (64, 64)
 
 

@@ -86,7 +86,8 @@ def test_seeking_gives_the_same_frames_as_decoding_through(tmp_path, monkeypatch
     seeking = load_video(long_clip, num_frames=5)
     monkeypatch.setattr(video_module, "SEEK_AHEAD_S", float("inf"))
     straight = load_video(long_clip, num_frames=5)
-    assert [f.timestamp for f in seeking] == [f.timestamp for f in straight] == pytest.approx([6.0, 18.0, 30.0, 42.0, 54.0])
+    expected = pytest.approx([6.0, 18.0, 30.0, 42.0, 54.0])
+    assert [f.timestamp for f in seeking] == [f.timestamp for f in straight] == expected
     for a, b in zip(seeking, straight):
         assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
 
