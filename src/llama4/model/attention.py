@@ -36,7 +36,7 @@ class Attention(nn.Module):
             else None
 
     def forward(self, x_BTD: torch.Tensor, pos_T: torch.Tensor, freqs_TF: torch.Tensor | None,
-                cache: LayerCache | None = None) -> torch.Tensor:
+                cache: LayerCache | None = None, mask_B1TT: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         q_BTHD = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim)
         k_BTKD = self.wk(x_BTD).view(B, T, self.n_kv, self.head_dim)
@@ -49,18 +49,26 @@ class Attention(nn.Module):
             # Sharper attention far into the context (arXiv 2501.19399): scale grows with log(position).
             floor_scale, attn_scale = self.temperature
             scale_T = torch.log1p(torch.floor((pos_T.float() + 1.0) / floor_scale)) * attn_scale + 1.0
-            q_BTHD = (q_BTHD * scale_T.view(1, T, 1, 1)).to(q_BTHD.dtype)
+            q_BTHD = (q_BTHD * scale_T[..., None, None]).to(q_BTHD.dtype)  # pos_T may be [B, T] (per row)
         q, k, v = q_BTHD.transpose(1, 2), k_BTKD.transpose(1, 2), v_BTKD.transpose(1, 2)
-        start = int(pos_T[0])
-        if cache is None:
+        if mask_B1TT is not None:  # packed documents (from `document_mask`)
+            out_BHTD = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_B1TT, enable_gqa=self.n_heads != self.n_kv)
+        elif cache is None:
             out_BHTD = chunked_causal(q, k, v, self.chunk) if self.chunk else _sdpa(q, k, v, causal=True)
         else:
-            out_BHTD = self._attend_cached(q, k, v, start, cache)
+            out_BHTD = self._attend_cached(q, k, v, pos_T, cache)
         return self.wo(out_BHTD.transpose(1, 2).reshape(B, T, -1))
 
-    def _attend_cached(self, q, k, v, start: int, cache: LayerCache) -> torch.Tensor:
-        """Split the block at chunk boundaries; each segment sees its chunk's cached prefix."""
-        T = q.shape[2]
+    def _attend_cached(self, q, k, v, pos_T: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+        """Attend through the cache. `pos_T` is [T] (every row at the same positions) or [B, 1]
+        (one token per row, each row at its own position)."""
+        if pos_T.ndim == 2:
+            if q.shape[2] != 1:
+                raise ValueError(f"per-row positions need one token per row, got a block of {q.shape[2]} "
+                                 f"(prefill rows of different lengths one row at a time)")
+            return _attend_step(q, k, v, pos_T[:, 0].tolist(), cache)
+        # Split the block at chunk boundaries; each segment sees its own chunk's cached prefix.
+        T, start = q.shape[2], int(pos_T[0])
         outs, a = [], 0
         while a < T:
             p = start + a
@@ -70,6 +78,32 @@ class Attention(nn.Module):
             outs.append(attend_after_prefix(q[:, :, a:b], k_all, v_all, prefix_len))
             a = b
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+def _attend_step(q_BH1D, k_BK1D, v_BK1D, pos_B: list[int], cache: LayerCache) -> torch.Tensor:
+    """One new token per row at per-row positions: rows hold different numbers of valid keys, so a
+    [B, 1, 1, S] key mask (linear in S) hides each row's unused slots."""
+    lengths = cache.write_step(k_BK1D[:, :, 0], v_BK1D[:, :, 0], pos_B)
+    S = max(lengths)
+    k_BKSD, v_BKSD = cache.view(S)
+    mask_B11S = None
+    if min(lengths) < S:
+        len_B = torch.tensor(lengths, device=q_BH1D.device)
+        mask_B11S = (torch.arange(S, device=q_BH1D.device) < len_B[:, None]).view(-1, 1, 1, S)
+    return F.scaled_dot_product_attention(q_BH1D, k_BKSD, v_BKSD, attn_mask=mask_B11S,
+                                          enable_gqa=q_BH1D.shape[1] != k_BKSD.shape[1])
+
+
+def document_mask(pos_BT: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    """[B, 1, T, T] bool for rows packed with several documents (training): query t sees key s <= t of
+    its own document and, in a chunked layer, of its own chunk. `pos_BT` is each token's position in
+    its document, 0 where one starts. Packing is the one place a T x T mask is worth its memory."""
+    group_BT = torch.cumsum(pos_BT == 0, dim=1)
+    if chunk is not None:  # documents restart at 0, so (document, chunk) pairs are distinct numbers
+        group_BT = group_BT * (int(pos_BT.max()) // chunk + 1) + pos_BT // chunk
+    same_BTT = group_BT[:, :, None] == group_BT[:, None, :]
+    T = pos_BT.shape[1]
+    return (same_BTT & torch.ones(T, T, dtype=torch.bool, device=pos_BT.device).tril()).unsqueeze(1)
 
 
 def _sdpa(q, k, v, causal: bool) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..config import Llama4Config, TextConfig
-from .attention import Attention
+from .attention import Attention, document_mask
 from .cache import LayerCache
 from .layers import RMSNorm, SwiGLU, rope_freqs, rope_inv_freq
 from .moe import MoE
@@ -26,8 +26,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.feed_forward = MoE(cfg) if cfg.is_moe(layer) else SwiGLU(cfg.hidden_size, cfg.intermediate_size_mlp)
 
-    def forward(self, x_BTD, pos_T, freqs_TF, cache: LayerCache | None = None):
-        h_BTD = x_BTD + self.attention(self.attention_norm(x_BTD), pos_T, freqs_TF, cache)
+    def forward(self, x_BTD, pos_T, freqs_TF, cache: LayerCache | None = None, mask_B1TT=None):
+        h_BTD = x_BTD + self.attention(self.attention_norm(x_BTD), pos_T, freqs_TF, cache, mask_B1TT)
         return h_BTD + self.feed_forward(self.ffn_norm(h_BTD))
 
 
@@ -107,19 +107,27 @@ class Llama4(nn.Module):
         return x_BTD.masked_scatter(slots_BT.unsqueeze(-1), feats_ND.to(x_BTD.dtype))
 
     def forward(self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None, *,
-                embeds: torch.Tensor | None = None, start_pos: int = 0,
-                cache: list[LayerCache] | None = None, return_hidden: bool = False) -> torch.Tensor:
+                embeds: torch.Tensor | None = None, start_pos: int | torch.Tensor = 0,
+                cache: list[LayerCache] | None = None, return_hidden: bool = False,
+                doc_pos: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, V] for tokens at absolute positions [start_pos, start_pos + T).
 
         `cache` (from `make_cache`) is read and extended in place; without it the call sees only
         these T tokens. `return_hidden` skips the vocabulary projection (for chunked losses).
+        `doc_pos` [B, T] packs several documents per row (training, no cache): each token's position
+        inside its own document, 0 where one starts; every document then runs as if it were alone.
         """
         x_BTD = self.embed(input_ids, pixel_values) if embeds is None else embeds
         T = x_BTD.shape[1]
-        pos_T = torch.arange(start_pos, start_pos + T, device=x_BTD.device)
+        # One start for all rows, or one per row ([B] tensor: a ragged batch decoding side by side).
+        pos_T = torch.as_tensor(start_pos, device=x_BTD.device).unsqueeze(-1) + torch.arange(T, device=x_BTD.device)
+        masks = {}
+        if doc_pos is not None:
+            pos_T = doc_pos.to(x_BTD.device)
+            masks = {c: document_mask(pos_T, c) for c in {layer.attention.chunk for layer in self.layers}}
         freqs_TF = rope_freqs(pos_T, self.inv_freq)
         for i, layer in enumerate(self.layers):
-            x_BTD = layer(x_BTD, pos_T, freqs_TF, None if cache is None else cache[i])
+            x_BTD = layer(x_BTD, pos_T, freqs_TF, None if cache is None else cache[i], masks.get(layer.attention.chunk))
         h_BTD = self.norm(x_BTD)
         return h_BTD if return_hidden else self.output(h_BTD)
 
