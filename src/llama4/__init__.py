@@ -15,3 +15,7 @@ from .checkpoint import load, save  # noqa: E402
 from .model import Llama4  # noqa: E402
 
 __all__ += ["Llama4", "load", "save"]
+
+from .generate import generate, generate_batch, generate_stream  # noqa: E402
+
+__all__ += ["generate", "generate_batch", "generate_stream"]

@@ -1,0 +1,199 @@
+"""Generation: greedy equals the uncached argmax and transformers' generate; sampling, stops, ragged
+batches, streaming, bounded prefill memory and clear errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import llama4
+from conftest import hf_model, save_hf, small_text
+from llama4.generate import SamplingParams, generate_batch, sample
+from llama4.generate.sampling import filter_logits
+
+C = 32  # small_text's attention_chunk_size
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models gain nothing from threads; on a busy machine spinning OpenMP workers only add waits.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return llama4.Llama4(small_text()).init_weights(std=0.08, seed=0).eval()
+
+
+def _prompt(n: int, seed: int = 0) -> list[int]:
+    return torch.randint(3, 512, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _uncached_greedy(model, prompt: list[int], n: int) -> list[int]:
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("prompt_len,prefill_chunk", [(3 * C + 5, 24), (4 * C, C), (2 * C + 1, 2048)])
+def test_greedy_equals_uncached_argmax(model, prompt_len, prefill_chunk):
+    prompt = _prompt(prompt_len)
+    out = llama4.generate(model, prompt, max_new_tokens=45, stop_ids=[], prefill_chunk=prefill_chunk)
+    assert out == _uncached_greedy(model, prompt, 45)
+
+
+def test_greedy_equals_transformers_generate(tmp_path):
+    cfg = small_text()
+    hf = hf_model(cfg, seed=1)
+    model = llama4.load(save_hf(hf, tmp_path / "ckpt"))
+    prompt = torch.randint(3, 512, (1, 3 * C + 7), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = hf.generate(prompt, do_sample=False, max_new_tokens=48, min_new_tokens=48, eos_token_id=None,
+                          pad_token_id=0)[0, prompt.shape[1]:].tolist()
+    assert llama4.generate(model, prompt[0], max_new_tokens=48, stop_ids=[], prefill_chunk=40) == ref
+
+
+def test_stream_yields_the_same_tokens(model):
+    prompt = _prompt(50, 1)
+    kw = dict(max_new_tokens=12, temperature=0.9, top_p=0.95, seed=7, stop_ids=[])
+    stream = llama4.generate_stream(model, prompt, **kw)
+    first = next(stream)
+    assert [first, *stream] == llama4.generate(model, prompt, **kw)
+
+
+def test_ragged_batch_equals_each_prompt_alone(model):
+    prompts = [_prompt(n, n) for n in (C - 1, 3 * C + 2, 5, 2 * C)]
+    alone = [llama4.generate(model, p, max_new_tokens=20, stop_ids=[]) for p in prompts]
+    # Stop rows 0 and 2 early: the remaining rows must go on unchanged after the batch shrinks.
+    stop = {alone[0][4], alone[2][9]} - set(alone[1]) - set(alone[3])
+    expect = [a[:next((i + 1 for i, t in enumerate(a) if t in stop), len(a))] for a in alone]
+    assert generate_batch(model, prompts, max_new_tokens=20, stop_ids=sorted(stop)) == expect
+    assert any(len(e) < 20 for e in expect)
+    # Equal lengths go through one batched prefill.
+    same = [_prompt(40, s) for s in range(3)]
+    assert generate_batch(model, same, max_new_tokens=8, stop_ids=[]) == \
+        [llama4.generate(model, p, max_new_tokens=8, stop_ids=[]) for p in same]
+
+
+def test_seed_reproducible(model):
+    prompt = _prompt(30, 2)
+    kw = dict(max_new_tokens=16, temperature=1.0, top_k=40, stop_ids=[])
+    a = llama4.generate(model, prompt, seed=1, **kw)
+    assert a == llama4.generate(model, prompt, seed=1, **kw)
+    assert a != llama4.generate(model, prompt, seed=2, **kw)
+    assert llama4.generate(model, prompt, max_new_tokens=10, temperature=1.3, top_k=1, seed=3, stop_ids=[]) == \
+        llama4.generate(model, prompt, max_new_tokens=10, stop_ids=[])
+
+
+def test_stops_on_config_eos_and_given_ids(model):
+    prompt = _prompt(40, 3)
+    greedy = llama4.generate(model, prompt, max_new_tokens=20, stop_ids=[])
+    k = next(i for i in range(3, 20) if greedy[i] not in greedy[:i])
+    eos_model = llama4.Llama4(small_text(eos_token_id=[500, greedy[k]]))
+    eos_model.load_state_dict(model.state_dict())
+    assert llama4.generate(eos_model.eval(), prompt, max_new_tokens=20) == greedy[:k + 1]
+    assert llama4.generate(model, prompt, max_new_tokens=20, stop_ids=[greedy[k]]) == greedy[:k + 1]
+    assert llama4.generate(model, prompt, max_new_tokens=7, stop_ids=[]) == greedy[:7]
+    assert llama4.generate(model, prompt, max_new_tokens=0) == []
+
+
+class _LetterTokenizer:
+    """Token i decodes to one letter: enough to test stop strings without a real vocabulary."""
+
+    def decode(self, ids):
+        return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+def test_stop_strings(model):
+    prompt = _prompt(40, 4)
+    greedy = llama4.generate(model, prompt, max_new_tokens=20, stop_ids=[])
+    text = _LetterTokenizer().decode(greedy)
+    target = text[6:8]
+    end = text.index(target) + len(target)
+    out = llama4.generate(model, prompt, max_new_tokens=20, stop_ids=[], stop_strings=[target],
+                          tokenizer=_LetterTokenizer())
+    assert out == greedy[:end]
+    with pytest.raises(ValueError, match="tokenizer"):
+        llama4.generate(model, prompt, max_new_tokens=2, stop_strings=["x"])
+
+
+def test_filters():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = lambda **kw: torch.isfinite(filter_logits(logits, SamplingParams(temperature=1.0, **kw)))[0].tolist()  # noqa: E731
+    assert kept(top_k=2) == [True, True, False, False]
+    assert kept(top_p=0.5) == [True, False, False, False]
+    assert kept(top_p=0.8) == [True, True, False, False]
+    assert kept(top_p=0.81) == [True, True, True, False]
+    assert kept(min_p=0.2) == [True, True, True, False]  # 0.05 < 0.2 * 0.5
+    seen = torch.tensor([[True, False, False, True]])
+    raw = torch.tensor([[2.0, 1.9, 0.0, -1.0]])
+    assert sample(raw, SamplingParams(repetition_penalty=2.0), seen_BV=seen).item() == 1  # 2.0 -> 1.0 < 1.9
+
+
+def test_repetition_penalty_changes_greedy_output(model):
+    prompt = _prompt(30, 6)
+    plain = llama4.generate(model, prompt, max_new_tokens=20, stop_ids=[])
+    penalised = llama4.generate(model, prompt, max_new_tokens=20, stop_ids=[], repetition_penalty=5.0)
+    assert penalised != plain
+    assert len(set(penalised)) >= len(set(plain))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(prompt_ids=[]), "empty"),
+    (dict(prompt_ids=[1, 512]), r"512.*vocabulary \[0, 512\)"),
+    (dict(prompt_ids=[1, -1]), "outside the model's vocabulary"),
+    (dict(max_new_tokens=4090), "max_position_embeddings"),
+    (dict(max_new_tokens=-1), "max_new_tokens"),
+    (dict(temperature=-0.5), "temperature"),
+    (dict(temperature=math.nan), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=math.nan), "top_p"),
+    (dict(top_k=-3), "top_k"),
+    (dict(min_p=1.5), "min_p"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(seed=1.5), "seed"),
+    (dict(prefill_chunk=0), "prefill_chunk"),
+    (dict(stop_ids=[1.5]), "stop_ids"),
+])
+def test_bad_input_is_a_clear_error(model, kwargs, match):
+    args = dict(prompt_ids=[1, 2, 3, 4, 5, 6, 7], max_new_tokens=4)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        llama4.generate(model, args.pop("prompt_ids"), **args)
+    with pytest.raises(ValueError, match=match):  # the streaming form fails before it yields
+        llama4.generate_stream(model, [1, 2, 3, 4, 5, 6, 7] if "prompt_ids" not in kwargs else kwargs["prompt_ids"],
+                               **{"max_new_tokens": 4, **{k: v for k, v in kwargs.items() if k != "prompt_ids"}})
+
+
+class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_chunked_prefill_bounds_activations():
+    """A 2048-token prompt in 64-token slices: nothing T x T, nothing T x vocabulary; the largest
+    tensor is the global layers' KV buffer (T x K x Dh), which the prompt needs anyway."""
+    T, V = 2048, 4096
+    cfg = small_text(vocab_size=V, hidden_size=32, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                     intermediate_size=32, intermediate_size_mlp=32, attention_chunk_size=64)
+    model = llama4.Llama4(cfg).init_weights(seed=0).eval()
+    prompt = torch.randint(0, V, (T,)).tolist()
+    with _LargestTensor() as spy:
+        llama4.generate(model, prompt, max_new_tokens=2, stop_ids=[], prefill_chunk=64)
+    kv_global = (T + 2) * cfg.text.num_key_value_heads * cfg.text.head_dim
+    assert spy.largest <= max(kv_global, V * cfg.text.hidden_size) < T * T / 4
