@@ -10,8 +10,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from .generate.cli import add_chat, add_generate
 from .synth import add_data
 from .tokenizer_cli import add_tokenizer
+from .train.cli import add_train
 
 
 def _load_config_or_preset(spec: str):
@@ -72,7 +74,7 @@ def add_inspect(sub) -> None:
 
 
 # Each entry adds one subcommand; features append theirs here.
-_COMMANDS = [add_inspect, add_tokenizer, add_data]
+_COMMANDS = [add_inspect, add_tokenizer, add_data, add_train, add_generate, add_chat]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -52,7 +52,8 @@ class Attention(nn.Module):
             q_BTHD = (q_BTHD * scale_T[..., None, None]).to(q_BTHD.dtype)  # pos_T may be [B, T] (per row)
         q, k, v = q_BTHD.transpose(1, 2), k_BTKD.transpose(1, 2), v_BTKD.transpose(1, 2)
         if mask_B1TT is not None:  # packed documents (from `document_mask`)
-            out_BHTD = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_B1TT, enable_gqa=self.n_heads != self.n_kv)
+            out_BHTD = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_B1TT,
+                                                      enable_gqa=self.n_heads != self.n_kv)
         elif cache is None:
             out_BHTD = chunked_causal(q, k, v, self.chunk) if self.chunk else _sdpa(q, k, v, causal=True)
         else:

@@ -62,6 +62,8 @@ class MoE(nn.Module):
         # Auxiliary-loss-free balancing adds a bias to the logits used to *choose* experts (never to
         # the scores); zero unless a trainer updates it.
         self.register_buffer("expert_bias_E", torch.zeros(cfg.num_local_experts), persistent=False)
+        # A trainer sets a list here to receive (counts_E, router logits_NE) from every call.
+        self.record: list | None = None
 
     def route(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(chosen experts [N, k], their sigmoid scores [N, k], router logits [N, E])."""
@@ -74,12 +76,14 @@ class MoE(nn.Module):
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         shape = x_BTD.shape
         x_ND = x_BTD.reshape(-1, shape[-1])
-        idx_Nk, scores_Nk, _ = self.route(x_ND)
+        idx_Nk, scores_Nk, logits_NE = self.route(x_ND)
         # Group (token, expert) pairs by expert: a stable sort keeps token order inside each expert.
         expert_R = idx_Nk.reshape(-1)
         order_R = torch.argsort(expert_R, stable=True)
         token_R = order_R // self.top_k
         counts_E = torch.bincount(expert_R, minlength=self.n_experts)
+        if self.record is not None:
+            self.record.append((counts_E, logits_NE))
         # The router score scales the expert's *input* (as published), not its output.
         routed_in_RD = x_ND[token_R] * scores_Nk.reshape(-1, 1)[order_R]
         routed_out_RD = self.experts(routed_in_RD, counts_E)

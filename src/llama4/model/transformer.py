@@ -127,7 +127,8 @@ class Llama4(nn.Module):
             masks = {c: document_mask(pos_T, c) for c in {layer.attention.chunk for layer in self.layers}}
         freqs_TF = rope_freqs(pos_T, self.inv_freq)
         for i, layer in enumerate(self.layers):
-            x_BTD = layer(x_BTD, pos_T, freqs_TF, None if cache is None else cache[i], masks.get(layer.attention.chunk))
+            layer_cache = None if cache is None else cache[i]
+            x_BTD = layer(x_BTD, pos_T, freqs_TF, layer_cache, masks.get(layer.attention.chunk))
         h_BTD = self.norm(x_BTD)
         return h_BTD if return_hidden else self.output(h_BTD)
 

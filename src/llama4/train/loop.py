@@ -1,0 +1,287 @@
+"""The training loop: `run(config)` trains (or fine-tunes) a Llama 4 model and returns its output directory.
+
+One optimizer step = `grad_accum` micro-batches. The loss is the mean over every target token of the
+step (not a mean of micro-batch means), so accumulation equals a bigger batch. Order of a step:
+forward under bf16 autocast -> chunked cross-entropy (+ auxiliary balancing loss) -> backward ->
+clip -> AdamW -> schedule -> expert-bias update -> log -> maybe checkpoint.
+
+Output directory: metrics.jsonl (one line per step), loss.png, expert_load.png, checkpoints/step_*/,
+train_config.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch.nn.utils import parametrize
+from torch.utils.checkpoint import checkpoint
+
+from ..config import preset
+from ..model import Llama4
+from ..tokenizer import Tokenizer
+from .balance import ExpertBalancer, imbalance
+from .checkpointing import latest_checkpoint, load_train_state, rng_state, save_checkpoint, set_rng_state
+from .config import TrainConfig, apply_overrides, config_from_dict, load_train_config
+from .data import IGNORE, Encoder, PackedData, read_documents
+from .loss import chunked_cross_entropy
+from .plots import plot_run
+
+
+def run(config: TrainConfig | dict | str | Path, *, resume: bool = False, overrides: list[str] = ()) -> Path:
+    """Train as `config` says (a TrainConfig, a dict of sections, or a TOML path); returns the output dir.
+
+    With `resume`, continue from the newest checkpoint in the output directory: same data order,
+    optimizer, schedule, RNG and expert biases, so the losses match an uninterrupted run.
+    """
+    cfg = _as_config(config, overrides)
+    return Trainer(cfg, resume=resume).train()
+
+
+def _as_config(config, overrides) -> TrainConfig:
+    if isinstance(config, TrainConfig):
+        if overrides:
+            raise ValueError("overrides apply to a TOML file or a dict of sections, not to a TrainConfig")
+        return config
+    if isinstance(config, dict):
+        return config_from_dict(apply_overrides(config, list(overrides)))
+    return load_train_config(config, list(overrides))
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_tokenizer(cfg: TrainConfig) -> Tokenizer:
+    if cfg.data.tokenizer is not None:
+        return Tokenizer(cfg.data.tokenizer)
+    ckpt = cfg.model.checkpoint
+    if ckpt is not None and any((Path(ckpt) / n).is_file() for n in ("tokenizer.model", "tokenizer.json")):
+        return Tokenizer(ckpt)
+    return Tokenizer()
+
+
+def build_model(cfg: TrainConfig, tok: Tokenizer, device: torch.device) -> Llama4:
+    """A loaded checkpoint (fine-tuning) or a preset with random weights, in fp32 (the master weights)."""
+    import llama4
+
+    sp = tok.special_tokens
+    if cfg.model.checkpoint is not None:
+        model = llama4.load(cfg.model.checkpoint, dtype=torch.float32, device=device)
+        mc = model.config
+        if tok.vocab_size > mc.text.vocab_size:
+            raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} ids but checkpoint {cfg.model.checkpoint} "
+                             f"has vocab_size={mc.text.vocab_size}")
+        if mc.vision is not None and mc.image_token_index != sp["<|patch|>"]:
+            raise ValueError(f"tokenizer {tok.path} has <|patch|> = {sp['<|patch|>']} but the checkpoint's "
+                             f"image_token_index is {mc.image_token_index}; use the checkpoint's tokenizer")
+        return model
+    text = {"vocab_size": tok.vocab_size, "bos_token_id": tok.bos_id, "eos_token_id": [tok.eos_id, tok.eom_id, tok.eot_id],
+            "pad_token_id": tok.pad_id, **cfg.model.overrides}
+    try:
+        mc = preset(cfg.model.preset).replace(**text)
+    except TypeError as e:
+        raise ValueError(f"model.overrides: {e} (keys must be text config fields)") from None
+    if cfg.model.text_only:
+        mc.vision = None
+    mc.image_token_index, mc.boi_token_index, mc.eoi_token_index = \
+        sp["<|patch|>"], sp["<|image_start|>"], sp["<|image_end|>"]
+    if tok.vocab_size > mc.text.vocab_size:
+        raise ValueError(f"model.overrides.vocab_size={mc.text.vocab_size} is smaller than the tokenizer's "
+                         f"{tok.vocab_size} ids")
+    with torch.device(device):
+        model = Llama4(mc)
+    return model.init_weights(cfg.model.init_std, seed=cfg.train.seed)
+
+
+def lr_lambda(cfg: TrainConfig):
+    o, steps = cfg.optim, cfg.train.steps
+
+    def f(step: int) -> float:  # linear warmup, then cosine from lr down to lr * min_lr_ratio
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        t = min(1.0, (step - o.warmup_steps) / max(1, steps - o.warmup_steps))
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    return f
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
+    o = cfg.optim
+    # Decay matrices only: norms and biases stay free (their scale is the point of them).
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    try:
+        return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=True)
+    except (RuntimeError, ValueError):  # no fused kernel for this device / dtype
+        return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, foreach=True)
+
+
+def checkpoint_layers(model: Llama4) -> None:
+    """Recompute each decoder layer in backward instead of keeping its activations."""
+    for block in model.layers:
+        def forward(*args, _fwd=block.forward, **kw):
+            return checkpoint(_fwd, *args, use_reentrant=False, **kw)
+        block.forward = forward
+
+
+class Progress:
+    """One stderr line, rewritten in place: step, loss, tokens/s and ETA."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled, self.t0, self.first = total, enabled, time.perf_counter(), None
+
+    def update(self, step: int, start_step: int, loss: float, tok_s: float) -> None:
+        if not self.enabled:
+            return
+        done = step - start_step
+        per_step = (time.perf_counter() - self.t0) / max(done, 1)
+        eta = int(per_step * (self.total - step))
+        bar = "#" * int(24 * step / self.total)
+        sys.stderr.write(f"\rstep {step}/{self.total} [{bar:<24}] loss {loss:.4f}  {tok_s:,.0f} tok/s  "
+                         f"ETA {eta // 3600}:{eta % 3600 // 60:02d}:{eta % 60:02d} ")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: bool = False):
+        self.cfg, self.resume = cfg, resume
+        t = cfg.train
+        self.device = pick_device(t.device)
+        self.out = Path(t.out_dir)
+        torch.manual_seed(t.seed)
+        self.tok = load_tokenizer(cfg)
+        self.model = build_model(cfg, self.tok, self.device)
+        encoder = Encoder(self.tok, self.model.config, cfg.data)
+        docs = read_documents(cfg.data.paths, encoder)
+        self.data = PackedData(docs, encoder, cfg.data, t.seed, self.tok.pad_id)
+        if cfg.lora.enabled:
+            from .lora import add_lora
+
+            self.params = add_lora(self.model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, seed=t.seed)
+        else:
+            self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if t.activation_checkpointing:
+            checkpoint_layers(self.model)
+        self.opt = make_optimizer(self.params, cfg)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
+        self.balancer = ExpertBalancer(self.model, cfg.moe.bias_update_rate, cfg.moe.aux_loss_coef)
+        bf16 = t.bf16 if t.bf16 != "auto" else self.device.type == "cuda"
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+        self.step = 0
+        if resume:
+            self._restore()
+
+    def _restore(self) -> None:
+        ckpt = latest_checkpoint(self.out)
+        if ckpt is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {self.out / 'checkpoints'}")
+        state, biases = load_train_state(ckpt)
+        if hasattr(self.model, "lora_config"):
+            from .lora import load_adapter_into
+
+            load_adapter_into(self.model, ckpt / "adapter")
+        else:
+            import llama4
+
+            saved = llama4.load(ckpt, dtype=torch.float32)
+            self.model.load_state_dict(saved.state_dict())
+        self.balancer.load_biases(biases, str(ckpt))
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.data.state = dict(state["data"])
+        set_rng_state(state["rng"])
+        self.step = state["step"]
+        # Forget metrics logged after that checkpoint: the resumed run logs those steps again.
+        metrics = self.out / "metrics.jsonl"
+        if metrics.is_file():
+            keep = [ln for ln in metrics.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
+            metrics.write_text("".join(ln + "\n" for ln in keep))
+
+    def train(self) -> Path:
+        cfg, t = self.cfg, self.cfg.train
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        progress = Progress(t.steps, t.progress)
+        start = self.step
+        with open(self.out / "metrics.jsonl", "a") as log:
+            while self.step < t.steps:
+                row = self.train_step()
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                progress.update(self.step, start, row["loss"], row["tokens_per_s"])
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < t.steps:
+                    self.save()
+                if t.plot_every and self.step % t.plot_every == 0:
+                    plot_run(self.out)
+        progress.close()
+        if latest_checkpoint(self.out) is None or int(latest_checkpoint(self.out).name[5:]) != self.step:
+            self.save()
+        plot_run(self.out)
+        return self.out
+
+    def train_step(self) -> dict:
+        t0 = time.perf_counter()
+        model, t = self.model, self.cfg.train
+        model.train()
+        batches = [self.data.next_batch() for _ in range(t.grad_accum)]
+        n_targets = max(1, sum(b.n_targets for b in batches))
+        loss_sum, aux_sum = 0.0, 0.0
+        # Adapters: compute each merged weight once per forward, not at every use.
+        cached = parametrize.cached if self.cfg.lora.enabled else nullcontext
+        for b in batches:
+            ids = b.input_ids.to(self.device, non_blocking=True)
+            labels = b.labels.to(self.device, non_blocking=True)
+            pixels = None if b.pixel_values is None else b.pixel_values.to(self.device)
+            doc_pos = None if b.doc_pos is None else b.doc_pos.to(self.device)
+            self.balancer.begin()
+            with cached(), self.autocast():
+                h_BTD = model(ids, pixels, return_hidden=True, doc_pos=doc_pos)
+                keep = labels != IGNORE
+                loss = chunked_cross_entropy(h_BTD[keep], model.output.weight, labels[keep],
+                                             chunk=t.loss_chunk, norm=n_targets)
+                aux = self.balancer.collect()
+                total = loss if aux is None else loss + aux / t.grad_accum
+            total.backward()
+            loss_sum += loss.item()
+            aux_sum += 0.0 if aux is None else aux.item() / t.grad_accum
+        clip = self.cfg.optim.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"), foreach=True)
+        lr = self.sched.get_last_lr()[0]
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.sched.step()
+        load = self.balancer.step()
+        self.step += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        tokens = sum(b.n_tokens for b in batches)
+        row = {"step": self.step, "loss": loss_sum, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens,
+               "targets": n_targets, "tokens_per_s": tokens / dt, "step_s": dt, "epoch": self.data.state["epoch"]}
+        if self.balancer.moes:
+            row["aux_loss"] = aux_sum if self.cfg.moe.aux_loss_coef else None
+            row["expert_load"] = {str(i): v for i, v in zip(self.balancer.layers, load)}
+            row["imbalance"] = imbalance(load)
+        if not math.isfinite(loss_sum):
+            raise ValueError(f"loss is {loss_sum} at step {self.step}: training diverged (lower optim.lr?); "
+                             f"checkpoints so far are kept")
+        return row
+
+    def save(self) -> Path:
+        state = {"step": self.step, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                 "data": dict(self.data.state), "rng": rng_state(), "config": self.cfg.to_dict()}
+        tok_file = self.tok.path if self.tok.path.is_file() else None
+        return save_checkpoint(self.out, self.step, self.model, state, self.balancer.biases(), tok_file,
+                               self.cfg.checkpoint.keep)
