@@ -197,3 +197,58 @@ def test_chunked_prefill_bounds_activations():
         llama4.generate(model, prompt, max_new_tokens=2, stop_ids=[], prefill_chunk=64)
     kv_global = (T + 2) * cfg.text.num_key_value_heads * cfg.text.head_dim
     assert spy.largest <= max(kv_global, V * cfg.text.hidden_size) < T * T / 4
+
+
+@pytest.fixture(scope="module")
+def text_ckpt(tmp_path_factory):
+    """A tiny checkpoint directory with its own small tokenizer.json (special tokens included)."""
+    from llama4.tokenizer_cli import train_tokenizer
+
+    root = tmp_path_factory.mktemp("text_ckpt")
+    corpus = root / "corpus.txt"
+    words = ["hello", "world", "llama", "the", "cat", "sat", "on", "mat"]
+    corpus.write_text(" ".join(words[(i * 7) % 8] for i in range(3000)))
+    train_tokenizer([corpus], 300, root)
+    tok = llama4.Tokenizer(root)
+    cfg = small_text(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.stop_ids,
+                     pad_token_id=tok.pad_id)
+    llama4.save(llama4.Llama4(cfg).init_weights(std=0.08, seed=0), root)
+    return root, tok
+
+
+def test_cli_generate_streams_the_decoded_tokens(text_ckpt, capsys):
+    from llama4.cli import main
+
+    root, tok = text_ckpt
+    model = llama4.load(root)
+    for chat, ids in [(False, tok.encode("the cat sat", bos=True)),
+                      (True, tok.encode_chat([{"role": "user", "content": "the cat sat"}]))]:
+        new = llama4.generate(model, ids, max_new_tokens=12, temperature=0.7, seed=4)
+        expect = tok.decode([t for t in new if t not in tok.stop_ids])
+        argv = ["generate", "--model", str(root), "--prompt", "the cat sat", "--max-new-tokens", "12",
+                "--temperature", "0.7", "--seed", "4"] + (["--chat"] if chat else [])
+        assert main(argv) == 0
+        assert capsys.readouterr().out == expect + "\n"
+    assert main(["generate", "--model", str(root / "nope"), "--prompt", "x"]) == 2
+    assert "no such checkpoint directory" in capsys.readouterr().err
+    assert main(["generate", "--model", str(root), "--prompt", "x", "--top-p", "nan"]) == 2
+    assert "top_p" in capsys.readouterr().err
+
+
+def test_cli_chat_keeps_the_conversation(text_ckpt, capsys, monkeypatch):
+    import io
+
+    from llama4.cli import main
+
+    root, tok = text_ckpt
+    model = llama4.load(root)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello world\nthe mat\n/exit\n"))
+    assert main(["chat", "--model", str(root), "--max-new-tokens", "6"]) == 0
+    replies = capsys.readouterr().out.split("\n")[:2]
+    # The second turn's prompt holds the first exchange: replay it through the engine.
+    messages = []
+    for user, reply in zip(["hello world", "the mat"], replies):
+        messages.append({"role": "user", "content": user})
+        new = llama4.generate(model, tok.encode_chat(messages), max_new_tokens=6)
+        assert reply == tok.decode([t for t in new if t not in tok.stop_ids])
+        messages.append({"role": "assistant", "content": reply})

@@ -1,0 +1,118 @@
+"""`llama4 generate` (one prompt, streamed to stdout) and `llama4 chat` (an interactive multi-turn loop).
+
+Text goes through the checkpoint directory's tokenizer (`tokenizer.model` or `tokenizer.json`), or the
+published Llama 4 tokenizer when the directory has none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from .engine import DEFAULT_PREFILL_CHUNK, generate_stream
+
+
+def _load(args: argparse.Namespace):
+    from ..checkpoint import load
+    from ..tokenizer import Tokenizer
+
+    model_dir = Path(args.model)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"--model {model_dir}: no such checkpoint directory")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    model = load(model_dir, dtype=dtype).eval()
+    tok_path = args.tokenizer or next((model_dir / n for n in ("tokenizer.model", "tokenizer.json")
+                                       if (model_dir / n).is_file()), None)
+    tokenizer = Tokenizer(tok_path)
+    return model, tokenizer
+
+
+def _sampling(args: argparse.Namespace, tokenizer) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                stop_strings=args.stop or None, tokenizer=tokenizer, prefill_chunk=args.prefill_chunk)
+
+
+def _stream_text(model, tokenizer, ids: list[int], args: argparse.Namespace, out: TextIO) -> str:
+    """Write the reply to `out` as it comes; returns its text (without the stop token)."""
+    stops = set(model.config.text.eos_token_id) | set(tokenizer.stop_ids)
+    decoder, pieces = tokenizer.stream(), []
+    for tok in generate_stream(model, ids, stop_ids=sorted(stops), **_sampling(args, tokenizer)):
+        if tok in stops:
+            break
+        piece = decoder.push(tok)
+        pieces.append(piece)
+        out.write(piece)
+        out.flush()
+    tail = decoder.flush()
+    out.write(tail + "\n")
+    out.flush()
+    return "".join(pieces) + tail
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    model, tokenizer = _load(args)
+    if args.chat:
+        ids = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
+    else:
+        ids = tokenizer.encode(args.prompt, bos=True)
+    _stream_text(model, tokenizer, ids, args, sys.stdout)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Read a user turn per line until EOF or /exit; /reset forgets the conversation."""
+    model, tokenizer = _load(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            return 0
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        reply = _stream_text(model, tokenizer, tokenizer.encode_chat(messages), args, sys.stdout)
+        messages.append({"role": "assistant", "content": reply})
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory (config.json + *.safetensors)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer file or directory (default: the model's, "
+                                                     "else the published Llama 4 tokenizer)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--min-p", type=float, default=0.0, help="0 = off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
+                   help="prompt tokens per prefill step (bounds activation memory)")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto = the checkpoint's")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="complete a prompt, streaming the text to stdout")
+    _common(p)
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the chat format")
+    p.set_defaults(func=cmd_generate)
+
+
+def add_chat(sub) -> None:
+    p = sub.add_parser("chat", help="interactive multi-turn chat (one user turn per line; /reset, /exit)")
+    _common(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.set_defaults(func=cmd_chat)
