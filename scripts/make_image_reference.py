@@ -5,17 +5,22 @@ so this oracle runs in a separate one:
 
     python3 -m venv /tmp/imgoracle
     /tmp/imgoracle/bin/pip install torch==2.14.1 torchvision==0.29.1 "transformers>=5,<6" pillow
+    /tmp/imgoracle/bin/pip install --no-deps llama-models==0.3.0   # optional: Meta's transform too
     /tmp/imgoracle/bin/python scripts/make_image_reference.py
 
 Whole tensors would be megabytes, so each case keeps its tile grid, a SHA-256 of the tiles, per-tile
 mean and standard deviation, and a few hundred pixels at seeded positions. The inputs are built
 from integer formulas (`case_image`), which tests/test_media.py imports to rebuild them exactly.
 A sweep of random sizes records the reference's canvas and resize choices without any pixels.
+When llama-models is installed, each case also records the tile grid Meta's own
+`VariableSizeImageTransform` (plus its global view) chooses and how far its pixels are from
+transformers' (Meta resizes with Pillow and normalises in float32).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import json
 import random
@@ -138,17 +143,31 @@ def sweep_sizes() -> list[tuple[int, int, int]]:
     return out
 
 
+def meta_tiles(image: Image.Image, max_tiles: int, tile_size: int):
+    """Meta's llama-models pipeline (chat_format.ChatFormat): tiles, then the global view if tiled."""
+    import torch
+    from llama_models.llama4.preprocess import ResizeNormalizeImageTransform, VariableSizeImageTransform
+
+    tiles, grid = VariableSizeImageTransform(tile_size)(image, max_num_chunks=max_tiles)
+    if tiles.shape[0] > 1:
+        tiles = torch.cat([tiles, ResizeNormalizeImageTransform(tile_size, tile_size)(image)[None]])
+    return tiles, list(grid)
+
+
 def main() -> None:
     import torch
     import transformers
+    from transformers.image_transforms import convert_to_rgb
     from transformers.image_utils import SizeDict
     from transformers.models.llama4.image_processing_llama4 import (Llama4ImageProcessor, find_supported_resolutions,
                                                                      get_best_fit, get_max_res_without_distortion)
 
+    with_meta = importlib.util.find_spec("llama_models") is not None
     cases = []
     for name, height, width, max_tiles, tile_size, mode in CASES:
         processor = Llama4ImageProcessor(size={"height": tile_size, "width": tile_size}, max_patches=max_tiles)
-        out = processor(images=[oracle_input(case_image(height, width, mode))], return_tensors="pt")
+        image = oracle_input(case_image(height, width, mode))
+        out = processor(images=[image], return_tensors="pt")
         tiles = out["pixel_values"].float()
         rows, cols = out["aspect_ratios"][0].tolist()
         flat = tiles.flatten()
@@ -160,6 +179,12 @@ def main() -> None:
             "tile_std": [round(v, 7) for v in tiles.std(dim=(1, 2, 3)).double().tolist()],
             "sample_positions": positions, "sample_values": flat[positions].tolist(),
         })
+        if with_meta:
+            meta, meta_grid = meta_tiles(Image.fromarray(convert_to_rgb(image, return_numpy=True)), max_tiles, tile_size)
+            diff = (meta - tiles).abs() if meta.shape == tiles.shape else None
+            cases[-1].update({"meta_grid": meta_grid,
+                              "meta_max_abs_diff": None if diff is None else round(diff.max().item(), 6),
+                              "meta_mean_abs_diff": None if diff is None else round(diff.mean().item(), 7)})
         print(f"{name:24s} {rows}x{cols} tiles={tiles.shape[0]}", file=sys.stderr)
 
     # The canvas and resize choices, taken from the reference's own helpers as its processor calls them.
@@ -175,7 +200,8 @@ def main() -> None:
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps({
         "generator": "scripts/make_image_reference.py",
-        "oracle": f"transformers {transformers.__version__} Llama4ImageProcessor, torch {torch.__version__}",
+        "oracle": f"transformers {transformers.__version__} Llama4ImageProcessor, torch {torch.__version__}"
+                  + (", llama-models VariableSizeImageTransform" if with_meta else ""),
         "cases": cases,
         "size_sweep_columns": ["height", "width", "max_tiles", "canvas_h", "canvas_w", "resized_h", "resized_w"],
         "size_sweep": sweep,
