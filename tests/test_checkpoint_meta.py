@@ -259,6 +259,12 @@ def test_round_trip_from_our_model(tmp_path):
         assert torch.equal(loaded(ids), model(ids))
 
 
+def test_unnumbered_single_file(tmp_path):
+    path, model = tiny_meta_dir(tmp_path / "c", seed=6)
+    (path / "consolidated.00.pth").rename(path / "consolidated.pth")
+    assert torch.equal(llama4.load(path).output.weight, model.output.weight)
+
+
 def test_vocab_size_from_the_embedding_when_params_omit_it(tmp_path):
     path, _ = tiny_meta_dir(tmp_path / "c")
     params = json.loads((path / "params.json").read_text())

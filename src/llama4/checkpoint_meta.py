@@ -269,19 +269,15 @@ def _read_shard(path: Path) -> dict[str, torch.Tensor]:
 
 # Assembling one tensor from its per-rank slices ---------------------------------------------------
 
-def _join(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
-
-
-def _assemble(kind: str, parts: list[torch.Tensor], t: TextConfig) -> torch.Tensor:
-    """Our tensor (or our half of it) from the ranks' slices; runs on meta tensors for shape checks."""
+def _pieces(kind: str, parts: list[torch.Tensor], t: TextConfig) -> tuple[list[torch.Tensor], int]:
+    """Our tensor (or our half of it) as pieces laid side by side along a dim: the ranks' slices with
+    the per-rank fusions undone and Meta's expert flattening reshaped. Views only, nothing is read, so
+    the same code checks shapes on meta tensors and then copies each piece straight into place."""
     n = len(parts)
     if kind in ("rep", "rep_T"):
-        return parts[0].T if kind == "rep_T" else parts[0]
-    if kind == "col":
-        return _join(parts, 0)
-    if kind == "row":
-        return _join(parts, -1)
+        return [parts[0].T if kind == "rep_T" else parts[0]], 0
+    if kind in ("col", "row"):
+        return parts, 0 if kind == "col" else -1
     if kind in ("q", "k", "v"):
         heads = {"q": t.num_attention_heads, "k": t.num_key_value_heads, "v": t.num_key_value_heads}
         if t.num_key_value_heads % n:
@@ -291,17 +287,24 @@ def _assemble(kind: str, parts: list[torch.Tensor], t: TextConfig) -> torch.Tens
         if parts[0].shape[0] != sum(sizes):
             raise ValueError(f"each rank's slice has {parts[0].shape[0]} rows, expected q|k|v = {sizes} "
                              f"for {n} rank(s)")
-        return _join([x.split(sizes, dim=0)["qkv".index(kind)] for x in parts], 0)
+        return [x.split(sizes, dim=0)["qkv".index(kind)] for x in parts], 0
     if kind in ("gate", "up"):
-        return _join([x.chunk(2, dim=0)[kind == "up"] for x in parts], 0)
+        return [x.chunk(2, dim=0)[kind == "up"] for x in parts], 0
     E, D = t.num_local_experts, t.hidden_size
     if parts[0].numel() % (E * D):
         raise ValueError(f"each rank's slice has shape {list(parts[0].shape)}, not E*D*k for E={E} experts, D={D}")
     if kind in ("eDF_gate", "eDF_up"):
-        return _join([x.reshape(E, D, -1) for x in parts], -1)
+        return [x.reshape(E, D, -1) for x in parts], -1
     if kind == "eFD":
-        return _join([x.reshape(E, -1, D) for x in parts], 1)
+        return [x.reshape(E, -1, D) for x in parts], 1
     raise AssertionError(kind)
+
+
+def _copy_pieces(dest: torch.Tensor, pieces: list[torch.Tensor], dim: int) -> None:
+    offset = 0
+    for piece in pieces:
+        dest.narrow(dim, offset, piece.shape[dim]).copy_(piece)
+        offset += piece.shape[dim]
 
 
 def _target(param: torch.Tensor, kind: str) -> torch.Tensor:
@@ -371,7 +374,8 @@ def load_meta(root: str | Path, *, dtype: torch.dtype | None = None, device: str
         slices = [torch.empty(sd[key].shape, device="meta") for sd in shards]
         want = tuple(_target(expected[ours], kind).shape)
         try:
-            got = tuple(_assemble(kind, slices, t).shape)
+            pieces, dim = _pieces(kind, slices, t)
+            got = tuple(torch.cat(pieces, dim).shape)
         except (ValueError, RuntimeError) as e:
             raise ValueError(f"{files[0]}: tensor {key!r}: {e}") from None
         if got != want:
@@ -392,7 +396,7 @@ def load_meta(root: str | Path, *, dtype: torch.dtype | None = None, device: str
                 for f, other in zip(files[1:], slices[1:]):
                     if not torch.equal(other, slices[0]):
                         raise ValueError(f"{f}: replicated tensor {key!r} differs from {files[0].name}'s copy")
-            _target(params_now[ours], kind).copy_(_assemble(kind, slices, t))
+            _copy_pieces(_target(params_now[ours], kind), *_pieces(kind, slices, t))
     model.reset_buffers()
     log.info("%s: loaded Meta checkpoint (%d model-parallel shard(s))", root, len(files))
     return model.eval()
