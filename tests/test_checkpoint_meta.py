@@ -3,7 +3,6 @@ sharded the way Meta shards, and clear errors on bad input."""
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 from pathlib import Path
@@ -192,9 +191,10 @@ def test_logits_match_llama_models(case, model_parallel, tmp_path):
     assert rel_err(ours, ref) <= 1e-5
 
 
-def test_published_names_match_llama_models_hooks(model_parallel):
+@pytest.mark.parametrize("case", ["scout_like", "maverick_like"])
+def test_published_names_match_llama_models_hooks(case, model_parallel):
     """The test's writer produces exactly what llama-models' load hooks turn back into its modules."""
-    params = CASES["maverick_like"]
+    params = CASES[case]
     meta = meta_transformer(params, seed=2)
     published = published_names(meta.state_dict(), moe_layer_ids(params))
     fresh = meta_transformer(params, seed=3)
@@ -282,7 +282,7 @@ def test_dtype_follows_checkpoint_unless_given(tmp_path):
     assert llama4.load(path, dtype=torch.float32).output.weight.dtype == torch.float32
 
 
-def test_config_from_params_follows_llama_models():
+def test_scout_and_maverick_params_give_the_presets():
     scout = dict(dim=5120, n_layers=48, n_heads=40, n_kv_heads=8, vocab_size=202048, multiple_of=2048,
                  ffn_dim_multiplier=1.2, ffn_exp=4.0, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True,
                  nope_layer_interval=4, use_qk_norm=True, attn_temperature_tuning=True, attention_chunk_size=8192,
