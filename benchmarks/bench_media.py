@@ -5,8 +5,9 @@
 transformers' processor needs torchvision, so this runs in the oracle environment described in
 scripts/make_image_reference.py (the project's own environment lacks torchvision; there the
 transformers column is skipped). Every image is checked to tile identically on both sides before
-its time counts. The video part times `load_video` on a synthetic ten-minute 640x360 clip with
-seeking and with decoding every frame, and reports each one's peak memory in a fresh process.
+its time counts. The video part samples a synthetic ten-minute 640x360 clip with `load_video`
+(seeking, and decoding every frame) and with transformers' `video_utils.load_video` (PyAV backend),
+each in a fresh process, and reports how far each raises peak memory.
 """
 
 from __future__ import annotations
@@ -26,15 +27,33 @@ import llama4
 
 SIZES = [(480, 640), (1080, 1920), (3000, 4000), (336, 4000)]
 
+# Peak RSS growth over the call, sampled by a thread: the kernel's peak (ru_maxrss) would include
+# the transient peak of importing torch, which can hide everything after it.
 _VIDEO_RUN = """
-import json, sys, time
+import json, sys, threading, time
+from common import rss_bytes
 from llama4 import load_video, video
-video.SEEK_AHEAD_S = float(sys.argv[2])
+path, side, num_frames = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if side == "transformers":
+    from transformers.video_utils import load_video as load
+    run = lambda: len(load(path, num_frames=num_frames, backend="pyav")[0])
+else:
+    video.SEEK_AHEAD_S = 4.0 if side == "llama4" else 1e9
+    run = lambda: len(load_video(path, num_frames=num_frames))
+before, peak, done = rss_bytes(), [0], threading.Event()
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], rss_bytes())
+        time.sleep(0.002)
+sampler = threading.Thread(target=sample)
+sampler.start()
 start = time.perf_counter()
-frames = load_video(sys.argv[1], num_frames=int(sys.argv[3]))
-print(json.dumps({"seconds": time.perf_counter() - start, "frames": len(frames)}))
+frames = run()
+seconds = time.perf_counter() - start
+done.set()
+sampler.join()
+print(json.dumps({"seconds": seconds, "frames": frames, "peak_growth": peak[0] - before}))
 """
-
 
 def photo_like(height: int, width: int) -> Image.Image:
     rng = np.random.default_rng(0)
@@ -84,11 +103,17 @@ def bench_video() -> None:
             for packet in stream.encode():
                 out.mux(packet)
         rows = []
-        for label, seek_ahead_s, num_frames in [("8 frames, seeking", 4.0, 8), ("8 frames, decode all", 1e9, 8),
-                                                ("64 frames, seeking", 4.0, 64)]:
-            result, peak = run_measured(_VIDEO_RUN, str(path), str(seek_ahead_s), str(num_frames))
-            rows.append([label, f"{result['seconds']:.2f}", f"{peak / 2**20:.0f}"])
-        print(table(["10-min 640x360 clip", "seconds", "peak RSS MiB (process)"], rows))
+        for num_frames in (8, 64):
+            for side in ("llama4", "llama4 (no seeking)", "transformers"):
+                try:
+                    result, _ = run_measured(_VIDEO_RUN, str(path), side, str(num_frames))
+                except RuntimeError as e:  # transformers' video loader is optional
+                    print(f"{side}: {e}", file=sys.stderr)
+                    continue
+                assert result["frames"] == num_frames
+                rows.append([f"{num_frames} frames", side, f"{result['seconds']:.2f}",
+                             f"{result['peak_growth'] / 2**20:.1f}"])
+        print(table(["10-min 640x360 clip", "loader", "seconds", "peak RSS growth MiB"], rows))
 
 
 def main() -> None:

@@ -52,7 +52,6 @@ def load_video(source: MediaSource, *, num_frames: int = 8, fps: float | None = 
         fp.seek(0)
         with _open_container(av, fp, name) as container:
             stream = _video_stream(container, name)
-            stream.thread_type = "AUTO"  # frame threads: decoding dominates the cost
             times = _sample_times(duration, num_frames, fps)
             try:
                 return list(_frames_at(container, stream, start, duration, times))
