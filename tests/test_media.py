@@ -90,9 +90,17 @@ def test_tiles_are_row_major_then_thumbnail():
 
 # ----------------------------------------------------------------------------- modes and orientation
 
-def test_transparency_is_composited_on_white():
-    tiles, _ = preprocess_image(Image.new("RGBA", (50, 40), (0, 0, 0, 0)))
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "PA", "RGBa", "La"])
+def test_transparency_is_composited_on_white(mode):
+    tiles, _ = preprocess_image(Image.new(mode, (50, 40)))  # all zeros: black, fully transparent
     assert tiles[0, :, :40 * 336 // 50, :].min() == 1.0  # the image area; the rest is black padding
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr",
+                                  "LAB", "HSV", "I", "F", "I;16", "I;16B", "I;16L", "I;16N"])
+def test_every_pillow_mode_is_accepted(mode):
+    tiles, grid = preprocess_image(Image.new(mode, (40, 30)))
+    assert grid == (1, 1) and tiles.shape == (1, 3, 336, 336) and tiles.abs().max() <= 1
 
 
 def test_sixteen_bit_images_are_rescaled_not_clipped():

@@ -141,10 +141,17 @@ def _exif_upright(image: Image.Image) -> Image.Image:
 _WIDE_INT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
 
+# Premultiplied alpha: converted to straight alpha so that it, too, is composited onto white
+# (transformers drops the alpha of RGBa and cannot convert La at all).
+_PREMULTIPLIED = {"La": "LA", "RGBa": "RGBA"}
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow mode to RGB; transparency is composited onto white, as transformers does."""
     if image.mode == "RGB":
         return image
+    if image.mode in _PREMULTIPLIED:
+        image = image.convert(_PREMULTIPLIED[image.mode])
     if image.mode in _WIDE_INT_MODES:
         wide = np.asarray(image).astype(np.float64)
         image = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), mode="L")
