@@ -54,9 +54,12 @@ CASES = (
 
 
 def _rgb_array(height: int, width: int) -> np.ndarray:
-    """Gradients, checkers and rings: enough structure to expose any resampling difference."""
-    y = np.arange(height, dtype=np.int64)[:, None]
-    x = np.arange(width, dtype=np.int64)[None, :]
+    """Gradients, checkers and rings: enough structure to expose any resampling difference.
+
+    int32 (exact for sides under 46,000 px) because int64 floor division is several times slower.
+    """
+    y = np.arange(height, dtype=np.int32)[:, None]
+    x = np.arange(width, dtype=np.int32)[None, :]
     r = (x * 3 + y * 5 + ((x // 7 + y // 5) % 2) * 90) % 256
     g = (x * y // 3 + 40 * ((x // 13) % 2)) % 256
     b = (255 - (x * x + y * y) // 97) % 256
