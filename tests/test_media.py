@@ -125,10 +125,11 @@ def test_exif_orientation_is_honoured_on_an_opened_image():
 def test_load_image_from_path_bytes_and_urls(tmp_path):
     image = Image.fromarray(ref._rgb_array(30, 40))
     png = _png_bytes(image)
-    path = tmp_path / "picture.png"
+    path = tmp_path / "a picture.png"
     path.write_bytes(png)
     data_url = "data:image/png;base64," + base64.b64encode(png).decode()
-    for source in (path, str(path), f"file://{path}", png, data_url):
+    file_url = "file://" + str(path).replace(" ", "%20")
+    for source in (path, str(path), file_url, png, data_url):
         assert np.array_equal(np.asarray(load_image(source)), np.asarray(image)), source
     tiles_from_path, _ = preprocess_image(str(path))
     tiles_from_image, _ = preprocess_image(image)

@@ -29,6 +29,7 @@ import struct
 from functools import lru_cache
 from pathlib import Path
 from typing import Union
+from urllib.parse import unquote
 
 import numpy as np
 import torch
@@ -68,7 +69,7 @@ def open_source(source: MediaSource, what: str = "media") -> tuple[str, io.Buffe
     if scheme == "data":
         return "<data: URL>", io.BytesIO(_decode_data_url(source, what))
     if scheme == "file":
-        path = source[len("file://"):] if source.startswith("file://") else source[len("file:"):]
+        path = unquote(source[len("file://"):] if source.startswith("file://") else source[len("file:"):])
         return path, _open_path(Path(path), what)
     return source, _open_path(Path(source), what)
 
