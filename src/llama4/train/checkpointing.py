@@ -2,7 +2,7 @@
 
 A checkpoint directory holds the model in the HF layout (config.json + safetensors, which `llama4.load`,
 `llama4 generate` and transformers read) or, for LoRA runs, the adapter; the tokenizer; the MoE expert
-biases (`expert_bias.safetensors`: routing state that the HF format has no field for); and
+biases (`expert_bias.json`: routing state that the HF format has no field for); and
 `train_state.pt` (optimizer, scheduler, RNG streams, data position, step). Everything is written into a
 hidden staging directory, flushed to disk, and renamed into place in one step, so a kill during a save
 leaves the previous checkpoints as they were; older checkpoints are pruned only after that.
@@ -10,6 +10,7 @@ leaves the previous checkpoints as they were; older checkpoints are pruned only 
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -19,9 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
-STATE_FILE, BIAS_FILE = "train_state.pt", "expert_bias.safetensors"
+STATE_FILE, BIAS_FILE = "train_state.pt", "expert_bias.json"
 _NAME = re.compile(r"step_(\d{7})")
 
 
@@ -79,8 +79,8 @@ def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, stat
             for f in (staging / "model").iterdir():
                 os.replace(f, staging / f.name)
             (staging / "model").rmdir()
-        if biases:
-            save_file(biases, str(staging / BIAS_FILE))
+        if biases:  # JSON, not safetensors: weight loaders take every *.safetensors file for weights
+            (staging / BIAS_FILE).write_text(json.dumps({k: v.tolist() for k, v in biases.items()}))
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, staging / tokenizer_file.name)
         torch.save(state, staging / STATE_FILE)
@@ -105,7 +105,9 @@ def load_train_state(ckpt: Path) -> tuple[dict, dict]:
     if not f.is_file():
         raise FileNotFoundError(f"{ckpt}: no {STATE_FILE}; not a training checkpoint")
     state = torch.load(f, map_location="cpu", weights_only=False)
-    biases = load_file(str(ckpt / BIAS_FILE)) if (ckpt / BIAS_FILE).is_file() else {}
+    biases = {}
+    if (ckpt / BIAS_FILE).is_file():
+        biases = {k: torch.tensor(v) for k, v in json.loads((ckpt / BIAS_FILE).read_text()).items()}
     return state, biases
 
 

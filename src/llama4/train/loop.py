@@ -182,6 +182,9 @@ class Trainer:
         self.step = 0
         if resume:
             self._restore()
+        elif latest_checkpoint(self.out) is not None:
+            raise ValueError(f"train.out_dir {self.out} already holds checkpoints; pass --resume to continue "
+                             f"that run or choose another out_dir")
 
     def _restore(self) -> None:
         ckpt = latest_checkpoint(self.out)
@@ -215,7 +218,7 @@ class Trainer:
         (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         progress = Progress(t.steps, t.progress)
         start = self.step
-        with open(self.out / "metrics.jsonl", "a") as log:
+        with open(self.out / "metrics.jsonl", "a" if self.resume else "w") as log:
             while self.step < t.steps:
                 row = self.train_step()
                 log.write(json.dumps(row) + "\n")
