@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import Llama4Config, load_config, save_config
@@ -168,9 +167,35 @@ def _detect_layout(keys, root: Path) -> bool:
                      f"'model.*' keys); first keys: {sorted(keys)[:5]}")
 
 
+_TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
 def _dtype_of(safetensors_dtype: str) -> torch.dtype:
-    return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}.get(
-        safetensors_dtype, torch.float32)
+    return _TORCH_DTYPES.get(safetensors_dtype, torch.float32)
+
+
+def _read_into(file: Path, header: dict[str, dict], items: list[tuple[torch.Tensor, str]]) -> None:
+    """Read each tensor's bytes from `file` straight into its parameter with plain reads.
+
+    Not mmap: pages of a mapped file count as this process's resident memory until it is unmapped,
+    which put the peak at twice the checkpoint's size. A temporary is needed only where the dtype or
+    device differs, and then for one tensor at a time.
+    """
+    with open(file, "rb") as f:
+        data_start = 8 + int.from_bytes(f.read(8), "little")
+        for param, key in items:
+            info = header[key]
+            begin, end = info["data_offsets"]
+            direct = param.device.type == "cpu" and param.dtype == _TORCH_DTYPES[info["dtype"]] and \
+                param.is_contiguous()
+            buf = param if direct else torch.empty(info["shape"], dtype=_TORCH_DTYPES[info["dtype"]])
+            want = buf.numel() * buf.element_size()
+            f.seek(data_start + begin)
+            if end - begin != want or f.readinto(buf.reshape(-1).view(torch.uint8).numpy()) != want:
+                raise ValueError(f"{file}: tensor {key!r} should hold {want} bytes ({info['dtype']} "
+                                 f"{info['shape']}) but its data is {end - begin} bytes or cut short")
+            if not direct:
+                param.copy_(buf)
 
 
 def load(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Llama4:
@@ -209,6 +234,9 @@ def load(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: s
             unexpected.append(f"{hf_key} ({file.name})")
             continue
         shape = tuple(headers[file][hf_key]["shape"])
+        if headers[file][hf_key]["dtype"] not in _TORCH_DTYPES:
+            raise ValueError(f"{file}: tensor {hf_key!r} has dtype {headers[file][hf_key]['dtype']}; expected "
+                             f"one of {sorted(_TORCH_DTYPES)}")
         want = tuple(expected[ours].shape)
         if shape != want:
             raise ValueError(f"{file}: tensor {hf_key!r} has shape {list(shape)} but the config "
@@ -234,12 +262,7 @@ def load(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: s
         by_file.setdefault(file, []).append((ours, hf_key))
     with torch.no_grad():
         for file, items in by_file.items():
-            try:
-                with safe_open(str(file), framework="pt", device="cpu") as f:
-                    for ours, hf_key in items:
-                        params[ours].copy_(f.get_tensor(hf_key))
-            except SafetensorError as e:
-                raise ValueError(f"{file}: could not read tensors ({e})") from None
+            _read_into(file, headers[file], [(params[ours], hf_key) for ours, hf_key in items])
     model.reset_buffers()
     return model.eval()
 
