@@ -50,7 +50,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
     linearly in between. When high_freq_factor == low_freq_factor (Scout) the blend band is empty:
     we never divide by their difference.
     """
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    # Always on the CPU: tiny, and arithmetic on the meta device would import torch._dynamo (seconds).
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
     if not scaling or scaling.get("rope_type", "default") == "default":
         return inv
     factor = float(scaling["factor"])

@@ -38,7 +38,9 @@ class Llama4(nn.Module):
         super().__init__()
         self.config = cfg
         t = cfg.text
-        self.tok_embeddings = nn.Embedding(t.vocab_size, t.hidden_size)
+        # An explicit weight skips nn.Embedding's own normal_() init, which imports torch._dynamo
+        # (seconds) even on the meta device; init_weights() or a checkpoint fills it.
+        self.tok_embeddings = nn.Embedding(t.vocab_size, t.hidden_size, _weight=torch.empty(t.vocab_size, t.hidden_size))
         self.layers = nn.ModuleList(Block(t, i) for i in range(t.num_hidden_layers))
         self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps)
         self.output = nn.Linear(t.hidden_size, t.vocab_size, bias=False)
