@@ -41,10 +41,13 @@ class Experts(nn.Module):
         if not used:
             return torch.empty_like(x_RD)
         x_per_expert = x_RD.split(sizes)
-        h_RF2 = torch.cat([x_per_expert[e] @ self.w_gate_up_EDF2[e] for e in used])
+        # unbind, not w[e]: in backward each w[e] would add a zero-filled gradient the size of all E
+        # experts; unbind's backward stacks the E gradients once.
+        w_gate_up, w_down = self.w_gate_up_EDF2.unbind(0), self.w_down_EFD.unbind(0)
+        h_RF2 = torch.cat([x_per_expert[e] @ w_gate_up[e] for e in used])
         gate, up = h_RF2.chunk(2, dim=-1)
         a_per_expert = (F.silu(gate) * up).split([sizes[e] for e in used])
-        return torch.cat([a @ self.w_down_EFD[e] for a, e in zip(a_per_expert, used)])
+        return torch.cat([a @ w_down[e] for a, e in zip(a_per_expert, used)])
 
 
 def _grouped_mm_ok(x: torch.Tensor) -> bool:
