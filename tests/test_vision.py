@@ -7,6 +7,8 @@ transformers 5.x the method itself fails on building its return value ("no attri
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -89,6 +91,41 @@ def test_vision_tower_and_projector_parity(pair):
         got = ours.vision(pixels)
     assert got.shape == ref.shape == (5, 4, 64)
     assert ref.abs().max() > 0.1  # lively weights: a wrong layer would show
+    assert rel_err(got, ref) <= 1e-5
+
+
+def test_scout_tower_geometry_parity():
+    """Scout's real shapes (336-px tiles, 24x24 patches, width 1408, head dim 88, 144 tokens per tile),
+    one layer deep, weights mapped through the checkpoint key map."""
+    from transformers import Llama4VisionConfig
+    from transformers.models.llama4.modeling_llama4 import Llama4VisionModel
+
+    from llama4.checkpoint import KeyMap
+    from llama4.model.vision import VisionEncoder
+
+    v = dataclasses.replace(llama4.preset("scout").vision, num_hidden_layers=1)
+    d = dataclasses.asdict(v)
+    d["rope_parameters"] = {"rope_type": "default", "rope_theta": d.pop("rope_theta")}
+    hf_v = Llama4VisionConfig(**d)
+    with torch.device("meta"):
+        tower = Llama4VisionModel(hf_v)
+    tower = tower.to_empty(device="cpu").eval()
+    tower.rotary_embedding.freqs_ci = type(tower.rotary_embedding)._compute_freqs_ci(hf_v)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in tower.named_parameters():
+            p.copy_(torch.rand(p.shape, generator=g) + 0.5 if "norm" in name and name.endswith("weight")
+                    else torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
+    keymap = KeyMap(multimodal=True)
+    state = {keymap.from_hf(f"vision_model.{k}").removeprefix("vision."): t for k, t in tower.state_dict().items()}
+    state["projector.weight"] = torch.randn(64, 4096, generator=g) * 4096 ** -0.5
+    ours = VisionEncoder(v, text_dim=64).eval()
+    ours.load_state_dict(state, strict=True)
+    pixels = torch.rand(1, 3, 336, 336, generator=g) * 2 - 1
+    with torch.no_grad():
+        ref = tower(pixels).last_hidden_state @ state["projector.weight"].T
+        got = ours(pixels)
+    assert got.shape == ref.shape == (1, 144, 64)
     assert rel_err(got, ref) <= 1e-5
 
 
