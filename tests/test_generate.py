@@ -252,3 +252,46 @@ def test_cli_chat_keeps_the_conversation(text_ckpt, capsys, monkeypatch):
         new = llama4.generate(model, tok.encode_chat(messages), max_new_tokens=6)
         assert reply == tok.decode([t for t in new if t not in tok.stop_ids])
         messages.append({"role": "assistant", "content": reply})
+
+
+@pytest.fixture(scope="module")
+def mm_ckpt(text_ckpt, tmp_path_factory):
+    """A tiny multimodal checkpoint (the tiny preset's vision tower) sharing text_ckpt's tokenizer."""
+    import shutil
+
+    from PIL import Image
+
+    src, tok = text_ckpt
+    root = tmp_path_factory.mktemp("mm_ckpt")
+    shutil.copy(src / "tokenizer.json", root / "tokenizer.json")
+    cfg = llama4.preset("tiny").replace(vocab_size=tok.vocab_size, num_hidden_layers=2, attention_chunk_size=32,
+                                        bos_token_id=tok.bos_id, eos_token_id=tok.stop_ids, pad_token_id=tok.pad_id)
+    cfg.image_token_index = tok.special_tokens["<|patch|>"]
+    cfg.boi_token_index, cfg.eoi_token_index = tok.special_tokens["<|image_start|>"], tok.special_tokens["<|image_end|>"]
+    llama4.save(llama4.Llama4(cfg).init_weights(std=0.08, seed=1), root)
+    Image.linear_gradient("L").convert("RGB").resize((112, 50)).save(root / "wide.png")
+    return root, tok
+
+
+def test_image_prompt_equals_uncached_argmax(mm_ckpt, capsys):
+    """Image features land in the right slots even when the prefill slices cut through them."""
+    from llama4.cli import main
+    from llama4.multimodal import encode_prompt, user_message
+
+    root, tok = mm_ckpt
+    model = llama4.load(root)
+    prompt = encode_prompt(tok, [user_message("the cat", [str(root / "wide.png")])], model.config)
+    assert prompt.pixel_values is not None and len(prompt.ids) > C
+    new = llama4.generate(model, prompt.ids, max_new_tokens=10, stop_ids=[], prefill_chunk=5,
+                          pixel_values=prompt.pixel_values)
+    ids = list(prompt.ids)
+    with torch.no_grad():
+        for _ in range(10):
+            ids.append(int(model(torch.tensor([ids]), pixel_values=prompt.pixel_values)[0, -1].argmax()))
+    assert new == ids[len(prompt.ids):]
+    assert main(["generate", "--model", str(root), "--prompt", "the cat", "--image", str(root / "wide.png"),
+                 "--max-new-tokens", "10"]) == 0
+    greedy = llama4.generate(model, prompt.ids, max_new_tokens=10, pixel_values=prompt.pixel_values)
+    assert capsys.readouterr().out == tok.decode([t for t in greedy if t not in tok.stop_ids]) + "\n"
+    with pytest.raises(ValueError, match="one prompt at a time"):
+        generate_batch(model, [prompt.ids, prompt.ids], max_new_tokens=2, pixel_values=prompt.pixel_values)

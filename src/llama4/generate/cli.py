@@ -39,11 +39,13 @@ def _sampling(args: argparse.Namespace, tokenizer) -> dict:
                 stop_strings=args.stop or None, tokenizer=tokenizer, prefill_chunk=args.prefill_chunk)
 
 
-def _stream_text(model, tokenizer, ids: list[int], args: argparse.Namespace, out: TextIO) -> str:
+def _stream_text(model, tokenizer, ids: list[int], args: argparse.Namespace, out: TextIO,
+                 pixel_values: torch.Tensor | None = None) -> str:
     """Write the reply to `out` as it comes; returns its text (without the stop token)."""
     stops = set(model.config.text.eos_token_id) | set(tokenizer.stop_ids)
     decoder, pieces = tokenizer.stream(), []
-    for tok in generate_stream(model, ids, stop_ids=sorted(stops), **_sampling(args, tokenizer)):
+    for tok in generate_stream(model, ids, stop_ids=sorted(stops), pixel_values=pixel_values,
+                               **_sampling(args, tokenizer)):
         if tok in stops:
             break
         piece = decoder.push(tok)
@@ -58,11 +60,18 @@ def _stream_text(model, tokenizer, ids: list[int], args: argparse.Namespace, out
 
 def cmd_generate(args: argparse.Namespace) -> int:
     model, tokenizer = _load(args)
-    if args.chat:
+    pixel_values = None
+    if args.image or args.video:  # media live in chat turns: the prompt becomes one user turn
+        from ..multimodal import encode_prompt, user_message
+
+        prompt = encode_prompt(tokenizer, [user_message(args.prompt, args.image, args.video)], model.config,
+                               max_tiles=args.max_tiles, num_frames=args.num_frames)
+        ids, pixel_values = prompt.ids, prompt.pixel_values
+    elif args.chat:
         ids = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
     else:
         ids = tokenizer.encode(args.prompt, bos=True)
-    _stream_text(model, tokenizer, ids, args, sys.stdout)
+    _stream_text(model, tokenizer, ids, args, sys.stdout, pixel_values)
     return 0
 
 
@@ -108,6 +117,10 @@ def add_generate(sub) -> None:
     _common(p)
     p.add_argument("--prompt", required=True, help="prompt text")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the chat format")
+    p.add_argument("--image", action="append", default=[], help="image file (repeatable; implies --chat)")
+    p.add_argument("--video", action="append", default=[], help="video file (repeatable; implies --chat)")
+    p.add_argument("--max-tiles", type=int, default=16, help="tiles per image (plus a thumbnail)")
+    p.add_argument("--num-frames", type=int, default=8, help="frames sampled per video")
     p.set_defaults(func=cmd_generate)
 
 

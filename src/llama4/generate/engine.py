@@ -27,12 +27,18 @@ DEFAULT_PREFILL_CHUNK = 2048
 
 @torch.inference_mode()
 def prefill(model, ids_BT: torch.Tensor, cache: list[LayerCache], start_pos: int = 0,
-            prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> torch.Tensor:
+            prefill_chunk: int = DEFAULT_PREFILL_CHUNK, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
     """Feed `ids_BT` at positions [start_pos, start_pos + T) through the cache, `prefill_chunk` tokens
-    at a time; returns the logits of the last position [B, V] (fp32)."""
+    at a time; returns the logits of the last position [B, V] (fp32).
+
+    With `pixel_values` the image features are written into the `<|patch|>` slots of the whole prompt
+    first (the vision tower runs once), then the embeddings are fed slice by slice."""
     T = ids_BT.shape[1]
+    x_BTD = model.embed(ids_BT, pixel_values) if pixel_values is not None else None
     for a in range(0, T, prefill_chunk):
-        h_BTD = model(ids_BT[:, a:a + prefill_chunk], start_pos=start_pos + a, cache=cache, return_hidden=True)
+        inputs = dict(input_ids=ids_BT[:, a:a + prefill_chunk]) if x_BTD is None else \
+            dict(embeds=x_BTD[:, a:a + prefill_chunk])
+        h_BTD = model(**inputs, start_pos=start_pos + a, cache=cache, return_hidden=True)
     return model.output(h_BTD[:, -1]).float()
 
 
@@ -91,7 +97,8 @@ def generate_batch_stream(model, prompts: Sequence[Sequence[int]], *, max_new_to
                           temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                           repetition_penalty: float = 1.0, seed: int | None = None, stop_ids=None,
                           stop_strings: Sequence[str] | None = None, tokenizer=None,
-                          prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> Iterator[tuple[int, int]]:
+                          prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                          pixel_values: torch.Tensor | None = None) -> Iterator[tuple[int, int]]:
     """Yields (row, token) as tokens are chosen. A row ends after a stop id (which is yielded), a stop
     string, or `max_new_tokens` tokens; see `generate` for the parameters. Bad arguments raise
     ValueError here, before anything runs."""
@@ -112,11 +119,14 @@ def generate_batch_stream(model, prompts: Sequence[Sequence[int]], *, max_new_to
         raise ValueError(f"seed={seed!r} is invalid: expected an int or None")
     stops = _stop_ids(stop_ids, cfg.eos_token_id)
     stop_text = _StopStrings(stop_strings, tokenizer) if stop_strings else None
-    return _run(model, rows, max_new_tokens, params, seed, stops, stop_text, prefill_chunk)
+    if pixel_values is not None and len(rows) != 1:
+        raise ValueError(f"pixel_values are supported for one prompt at a time, got {len(rows)} prompts")
+    return _run(model, rows, max_new_tokens, params, seed, stops, stop_text, prefill_chunk, pixel_values)
 
 
 def _run(model, rows: list[list[int]], max_new_tokens: int, params: SamplingParams, seed: int | None,
-         stops: set[int], stop_text: _StopStrings | None, prefill_chunk: int) -> Iterator[tuple[int, int]]:
+         stops: set[int], stop_text: _StopStrings | None, prefill_chunk: int,
+         pixel_values: torch.Tensor | None) -> Iterator[tuple[int, int]]:
     if max_new_tokens == 0:
         return
     cfg = model.config.text
@@ -129,7 +139,7 @@ def _run(model, rows: list[list[int]], max_new_tokens: int, params: SamplingPara
     cache = make_cache(cfg, len(rows), longest + max_new_tokens, weight.dtype, device)
     # Prefill: a batch of equal lengths in one pass; otherwise each row on its own into its cache row.
     if all(len(r) == longest for r in rows):
-        logits_BV = prefill(model, torch.tensor(rows, device=device), cache, 0, prefill_chunk)
+        logits_BV = prefill(model, torch.tensor(rows, device=device), cache, 0, prefill_chunk, pixel_values)
     else:
         logits_BV = torch.cat([prefill(model, torch.tensor([r], device=device), cache_rows(cache, b), 0,
                                        prefill_chunk) for b, r in enumerate(rows)])
@@ -180,14 +190,15 @@ def generate_stream(model, prompt_ids: Sequence[int], **kwargs) -> Iterator[int]
 def generate(model, prompt_ids: Sequence[int], *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, min_p: float = 0.0, seed: int | None = None, stop_ids=None,
              repetition_penalty: float = 1.0, stop_strings: Sequence[str] | None = None, tokenizer=None,
-             prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> list[int]:
+             prefill_chunk: int = DEFAULT_PREFILL_CHUNK, pixel_values: torch.Tensor | None = None) -> list[int]:
     """The new tokens only (a stop id that ended generation is included as the last token).
 
     temperature 0 = greedy; `seed` makes sampling reproducible; `stop_ids=None` stops on the config's
     eos ids (`<|end_of_text|>`, `<|eom|>`, `<|eot|>`), `[]` never stops early; `stop_strings` (with a
-    `tokenizer`) stop once the generated text contains one; `prefill_chunk` bounds prefill memory.
+    `tokenizer`) stop once the generated text contains one; `prefill_chunk` bounds prefill memory;
+    `pixel_values` are the tiles for the prompt's `<|patch|>` slots (see `llama4.multimodal`).
     """
     return list(generate_stream(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
                                 top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, stop_ids=stop_ids,
                                 repetition_penalty=repetition_penalty, stop_strings=stop_strings,
-                                tokenizer=tokenizer, prefill_chunk=prefill_chunk))
+                                tokenizer=tokenizer, prefill_chunk=prefill_chunk, pixel_values=pixel_values))
