@@ -134,10 +134,10 @@ class Encoder:
     def _media_path(self, url: str, base: Path, where: str) -> Path:
         if self.vision is None:
             raise ValueError(f"{where}: the sample has media ({url!r}) but the model has no vision encoder")
-        path = Path(url[len("file://"):] if url.startswith("file://") else url)
-        if "://" in url and not url.startswith("file://") or url.startswith("data:"):
+        local = url[len("file://"):] if url.startswith("file://") else url
+        if "://" in local or local.startswith("data:"):
             raise ValueError(f"{where}: media must be a file path relative to the JSONL file, got {url[:60]!r}")
-        path = path if path.is_absolute() else base / path
+        path = Path(local) if Path(local).is_absolute() else base / local
         if not path.is_file():
             raise FileNotFoundError(f"{where}: media file {url!r} not found (looked for {path})")
         return path

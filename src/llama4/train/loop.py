@@ -136,7 +136,7 @@ class Progress:
     """One stderr line, rewritten in place: step, loss, tokens/s and ETA."""
 
     def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled, self.t0, self.first = total, enabled, time.perf_counter(), None
+        self.total, self.enabled, self.t0 = total, enabled, time.perf_counter()
 
     def update(self, step: int, start_step: int, loss: float, tok_s: float) -> None:
         if not self.enabled:
@@ -229,7 +229,8 @@ class Trainer:
                 if t.plot_every and self.step % t.plot_every == 0:
                     plot_run(self.out)
         progress.close()
-        if latest_checkpoint(self.out) is None or int(latest_checkpoint(self.out).name[5:]) != self.step:
+        last = latest_checkpoint(self.out)
+        if last is None or last.name != f"step_{self.step:07d}":
             self.save()
         plot_run(self.out)
         return self.out
