@@ -285,3 +285,25 @@ def test_lora_starts_at_base_trains_adapters_only_and_merges(tmp_path):
     merged = llama4.load(merge_adapter(base, adapter, tmp_path / "merged"))
     with torch.no_grad():
         torch.testing.assert_close(merged(ids), tuned, rtol=1e-4, atol=1e-4)
+
+
+def test_chunked_cross_entropy_never_holds_full_logits():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        biggest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    Largest.biggest = max(Largest.biggest, t.numel())
+            return out
+
+    N, D, V = 256, 16, 202_048  # the real vocabulary
+    h = torch.randn(N, D, requires_grad=True)
+    w = torch.randn(V, D, requires_grad=True)
+    y = torch.randint(0, V, (N,))
+    with Largest():
+        chunked_cross_entropy(h, w, y, chunk=32).backward()
+    assert Largest.biggest <= max(32 * V, V * D) < N * V
