@@ -40,6 +40,7 @@ class DataSection:
     shuffle: bool = True
     max_tiles: int = 16  # image tiles, as at inference
     video_frames: int = 8
+    media_cache_mb: int = 1024  # decoded tiles kept in memory between the read pass and the batches
 
 
 @dataclass

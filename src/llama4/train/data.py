@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +79,8 @@ class Encoder:
         self.tok = tokenizer
         self.cfg = cfg
         self.vision = model_cfg.vision
+        self._cache: OrderedDict[tuple[str, str], tuple[torch.Tensor, object]] = OrderedDict()
+        self._cache_bytes = 0
 
     def text(self, text: str, where: str) -> Document:
         ids = np.array(self.tok.encode(text, bos=True, eos=True), dtype=np.int64)
@@ -91,19 +94,16 @@ class Encoder:
         def grid(url: str) -> tuple[int, int]:
             m = Media("image", self._media_path(url, base, where))
             try:
-                _, m.grid = preprocess_image(load_image(m.path), tile_size=self.vision.image_size,
-                                             max_tiles=self.cfg.max_tiles)
+                m.grid = self._decode(m)[1]
             except (ValueError, OSError) as e:
                 raise ValueError(f"{where}: image {url!r} cannot be used: {e}") from None
             media.append(m)
             return m.grid
 
         def frames(url: str) -> list[float]:
-            from ..video import load_video
-
             m = Media("video", self._media_path(url, base, where))
             try:
-                m.frame_times = [f.timestamp for f in load_video(m.path, num_frames=self.cfg.video_frames)]
+                m.frame_times = self._decode(m)[1]
             except (ValueError, OSError) as e:
                 raise ValueError(f"{where}: video {url!r} cannot be used: {e}") from None
             media.append(m)
@@ -144,15 +144,34 @@ class Encoder:
 
     def pixels(self, m: Media) -> torch.Tensor:
         """Tiles [n, C, S, S] for one media item, exactly as at inference."""
+        tiles, layout = self._decode(m)
+        assert layout == (m.grid if m.kind == "image" else m.frame_times), (m.path, layout)
+        return tiles
+
+    def _decode(self, m: Media) -> tuple[torch.Tensor, tuple[int, int] | list[float]]:
+        """(tiles, grid or frame times), decoded once and kept while the cache budget allows: the
+        read pass that lays out the tokens and the batches that need the pixels share one decode."""
+        key = (m.kind, str(m.path))
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit
         size = self.vision.image_size
         if m.kind == "image":
-            tiles, grid = preprocess_image(load_image(m.path), tile_size=size, max_tiles=self.cfg.max_tiles)
-            assert grid == m.grid, (m.path, grid, m.grid)
-            return tiles
-        from ..video import load_video
+            tiles, layout = preprocess_image(load_image(m.path), tile_size=size, max_tiles=self.cfg.max_tiles)
+        else:
+            from ..video import load_video
 
-        frames = load_video(m.path, num_frames=self.cfg.video_frames)
-        return torch.cat([preprocess_image(f.image, tile_size=size, max_tiles=1)[0] for f in frames])
+            frames = load_video(m.path, num_frames=self.cfg.video_frames)
+            tiles = torch.cat([preprocess_image(f.image, tile_size=size, max_tiles=1)[0] for f in frames])
+            layout = [f.timestamp for f in frames]
+        budget = self.cfg.media_cache_mb * 2**20
+        self._cache[key] = (tiles, layout)
+        self._cache_bytes += tiles.numel() * tiles.element_size()
+        while self._cache_bytes > budget and self._cache:
+            _, (old, _) = self._cache.popitem(last=False)
+            self._cache_bytes -= old.numel() * old.element_size()
+        return tiles, layout
 
 
 def read_documents(paths: list[str], encoder: Encoder) -> list[Document]:
