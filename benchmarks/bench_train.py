@@ -77,8 +77,10 @@ def step_hf(a, device):
     with torch.device(device):
         model = Llama4ForCausalLM(Llama4TextConfig(**d, attn_implementation="sdpa"))
     model.train()
-    fused = device.type == "cuda"
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=fused)
+    try:  # the same fused AdamW kernel as ours wherever torch has one
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    except (RuntimeError, ValueError):
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def step(ids, labels):
