@@ -92,6 +92,19 @@ def rss_bytes() -> int:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
+def reset_peak_rss() -> None:
+    """Restart this process's peak-RSS record (VmHWM) from its current RSS (Linux >= 4.0)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process since start or the last `reset_peak_rss`."""
+    for ln in Path("/proc/self/status").read_text().splitlines():
+        if ln.startswith("VmHWM:"):
+            return int(ln.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def run_measured(code: str, *args: str) -> tuple[dict, int]:
     """Run `code` in a fresh Python; return (the JSON object it prints last, its peak RSS in bytes).
 
