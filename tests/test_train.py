@@ -138,10 +138,15 @@ def test_lora_fine_tune_trains_adapters_only(tok, tmp_path):
                                            {"role": "assistant", "content": "Paris is the capital."}]}) + "\n")
     cfg = text_config(tok, tmp_path / "ft", model={"preset": None, "checkpoint": str(ckpt)},
                       data={"paths": [str(qa)], "batch_size": 1}, optim={"lr": 1e-2},
-                      lora={"enabled": True, "rank": 4}, train={"steps": 6})
+                      lora={"enabled": True, "rank": 4}, train={"steps": 8})
     cfg["model"].pop("text_only")
     cfg["model"].pop("overrides")
-    out = run(cfg)
+    trainer = Trainer(config_from_dict(cfg))
+    # The base run's expert biases come along (they are part of its routing).
+    saved = json.loads((ckpt / "expert_bias.json").read_text())
+    assert trainer.balancer.biases()["layers.1.feed_forward.expert_bias"].tolist() == \
+        saved["layers.1.feed_forward.expert_bias"] != [0.0] * 4
+    out = trainer.train()
     ls = losses(out)
     assert ls[-1] < ls[0] - 0.5, ls
     adapter = latest_checkpoint(out) / "adapter"

@@ -99,12 +99,12 @@ def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, stat
     return final
 
 
-def load_train_state(ckpt: Path) -> tuple[dict, dict]:
-    """(train_state, expert biases) of a checkpoint directory."""
+def load_train_state(ckpt: Path, need_state: bool = True) -> tuple[dict | None, dict]:
+    """(train_state, expert biases) of a checkpoint directory; the state is None unless `need_state`."""
     f = ckpt / STATE_FILE
-    if not f.is_file():
+    if need_state and not f.is_file():
         raise FileNotFoundError(f"{ckpt}: no {STATE_FILE}; not a training checkpoint")
-    state = torch.load(f, map_location="cpu", weights_only=False)
+    state = torch.load(f, map_location="cpu", weights_only=False) if need_state else None
     biases = {}
     if (ckpt / BIAS_FILE).is_file():
         biases = {k: torch.tensor(v) for k, v in json.loads((ckpt / BIAS_FILE).read_text()).items()}
