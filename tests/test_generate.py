@@ -49,8 +49,16 @@ def test_greedy_equals_uncached_argmax(model, prompt_len, prefill_chunk):
     assert out == _uncached_greedy(model, prompt, 45)
 
 
-def test_greedy_equals_transformers_generate(tmp_path):
-    cfg = small_text()
+SCOUT_ROPE = {"rope_type": "llama3", "factor": 16.0, "low_freq_factor": 1.0, "high_freq_factor": 1.0,
+              "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize("overrides", [
+    {},  # QK-norm, temperature tuning every 8 positions, all layers MoE
+    dict(use_qk_norm=False, interleave_moe_layer_step=2, rope_scaling=SCOUT_ROPE, no_rope_layer_interval=2),
+], ids=["scout_like", "maverick_like_scaled"])
+def test_greedy_equals_transformers_generate(tmp_path, overrides):
+    cfg = small_text(**overrides)
     hf = hf_model(cfg, seed=1)
     model = llama4.load(save_hf(hf, tmp_path / "ckpt"))
     prompt = torch.randint(3, 512, (1, 3 * C + 7), generator=torch.Generator().manual_seed(5))
