@@ -132,6 +132,14 @@ def test_cache_misuse_is_a_clear_error(model):
             model(ids[:, :2], start_pos=torch.tensor([10, 10]), cache=cache)
     with pytest.raises(ValueError, match="max_len"):
         make_cache(cfg, 1, 0)
+    long_cache = make_cache(cfg, 1, 3 * C)
+    with torch.no_grad():
+        model(ids[:1].repeat(1, 5), start_pos=0, cache=long_cache)  # 50 positions: local chunk [32, 64)
+    local = next(c for c in long_cache if c.chunk is not None)
+    with pytest.raises(ValueError, match="chunk start"):
+        local.truncate(20)
+    local.truncate(0)
+    assert local.next_pos() == [0]
 
 
 @pytest.mark.parametrize("context", [10, C, 5 * C + 3])

@@ -303,3 +303,27 @@ def test_image_prompt_equals_uncached_argmax(mm_ckpt, capsys):
     assert capsys.readouterr().out == tok.decode([t for t in greedy if t not in tok.stop_ids]) + "\n"
     with pytest.raises(ValueError, match="one prompt at a time"):
         generate_batch(model, [prompt.ids, prompt.ids], max_new_tokens=2, pixel_values=prompt.pixel_values)
+
+
+def test_chat_session_reuses_the_cached_prefix(model):
+    """Each turn equals a fresh generate; only the part not already cached is prefilled, and a prompt
+    that diverges before the local layers' current chunk resumes at that chunk's start."""
+    from llama4.generate import ChatSession
+
+    session = ChatSession(model, 400)
+    kw = dict(max_new_tokens=10, stop_ids=[])
+    turn1 = _prompt(40, 11)
+    out1 = session.generate(turn1, **kw)
+    assert out1 == llama4.generate(model, turn1, **kw) and session.reused == 0
+    turn2 = turn1 + out1 + _prompt(20, 12)  # the whole history, then new tokens
+    out2 = session.generate(turn2, **kw)
+    assert out2 == llama4.generate(model, turn2, **kw)
+    assert session.reused == len(turn1) + len(out1) - 1  # the last sampled token was never fed
+    assert session.ids == turn2 + out2[:-1]
+    turn3 = turn2[:50] + _prompt(15, 13)  # diverges at 50: before the local layers' chunk [64, 96)
+    out3 = session.generate(turn3, **kw)
+    assert out3 == llama4.generate(model, turn3, **kw) and session.reused == 32
+    stream = session.generate_stream(turn3 + out3, **kw)
+    assert next(stream) == llama4.generate(model, turn3 + out3, **kw)[0]
+    with pytest.raises(ValueError, match="max_context"):
+        session.generate(_prompt(395, 14), **kw)

@@ -13,7 +13,7 @@ from typing import TextIO
 
 import torch
 
-from .engine import DEFAULT_PREFILL_CHUNK, generate_stream
+from .engine import DEFAULT_PREFILL_CHUNK, ChatSession, generate_stream
 
 
 def _load(args: argparse.Namespace):
@@ -40,11 +40,11 @@ def _sampling(args: argparse.Namespace, tokenizer) -> dict:
 
 
 def _stream_text(model, tokenizer, ids: list[int], args: argparse.Namespace, out: TextIO,
-                 pixel_values: torch.Tensor | None = None) -> str:
+                 pixel_values: torch.Tensor | None = None, session: ChatSession | None = None) -> str:
     """Write the reply to `out` as it comes; returns its text (without the stop token)."""
     stops = set(model.config.text.eos_token_id) | set(tokenizer.stop_ids)
     decoder, pieces = tokenizer.stream(), []
-    for tok in generate_stream(model, ids, stop_ids=sorted(stops), pixel_values=pixel_values,
+    for tok in generate_stream(model, ids, stop_ids=sorted(stops), pixel_values=pixel_values, session=session,
                                **_sampling(args, tokenizer)):
         if tok in stops:
             break
@@ -76,8 +76,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    """Read a user turn per line until EOF or /exit; /reset forgets the conversation."""
+    """Read a user turn per line until EOF or /exit; /reset forgets the conversation. The cache carries
+    over between turns, so each turn prefills only what the previous ones did not."""
     model, tokenizer = _load(args)
+    session = ChatSession(model, args.context or min(model.config.text.max_position_embeddings, 32768))
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
     while True:
@@ -90,7 +92,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             messages = messages[:1] if args.system else []
             continue
         messages.append({"role": "user", "content": line.rstrip("\n")})
-        reply = _stream_text(model, tokenizer, tokenizer.encode_chat(messages), args, sys.stdout)
+        reply = _stream_text(model, tokenizer, tokenizer.encode_chat(messages), args, sys.stdout, session=session)
         messages.append({"role": "assistant", "content": reply})
 
 
@@ -128,4 +130,6 @@ def add_chat(sub) -> None:
     p = sub.add_parser("chat", help="interactive multi-turn chat (one user turn per line; /reset, /exit)")
     _common(p)
     p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--context", type=int, default=None,
+                   help="positions the conversation may use (KV cache size; default min(32768, the model's))")
     p.set_defaults(func=cmd_chat)

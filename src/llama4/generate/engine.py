@@ -97,8 +97,8 @@ def generate_batch_stream(model, prompts: Sequence[Sequence[int]], *, max_new_to
                           temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                           repetition_penalty: float = 1.0, seed: int | None = None, stop_ids=None,
                           stop_strings: Sequence[str] | None = None, tokenizer=None,
-                          prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                          pixel_values: torch.Tensor | None = None) -> Iterator[tuple[int, int]]:
+                          prefill_chunk: int = DEFAULT_PREFILL_CHUNK, pixel_values: torch.Tensor | None = None,
+                          session: ChatSession | None = None) -> Iterator[tuple[int, int]]:
     """Yields (row, token) as tokens are chosen. A row ends after a stop id (which is yielded), a stop
     string, or `max_new_tokens` tokens; see `generate` for the parameters. Bad arguments raise
     ValueError here, before anything runs."""
@@ -121,12 +121,14 @@ def generate_batch_stream(model, prompts: Sequence[Sequence[int]], *, max_new_to
     stop_text = _StopStrings(stop_strings, tokenizer) if stop_strings else None
     if pixel_values is not None and len(rows) != 1:
         raise ValueError(f"pixel_values are supported for one prompt at a time, got {len(rows)} prompts")
-    return _run(model, rows, max_new_tokens, params, seed, stops, stop_text, prefill_chunk, pixel_values)
+    if session is not None and (len(rows) != 1 or session.model is not model):
+        raise ValueError("a ChatSession generates for one prompt of its own model")
+    return _run(model, rows, max_new_tokens, params, seed, stops, stop_text, prefill_chunk, pixel_values, session)
 
 
 def _run(model, rows: list[list[int]], max_new_tokens: int, params: SamplingParams, seed: int | None,
          stops: set[int], stop_text: _StopStrings | None, prefill_chunk: int,
-         pixel_values: torch.Tensor | None) -> Iterator[tuple[int, int]]:
+         pixel_values: torch.Tensor | None, session: ChatSession | None) -> Iterator[tuple[int, int]]:
     if max_new_tokens == 0:
         return
     cfg = model.config.text
@@ -136,11 +138,18 @@ def _run(model, rows: list[list[int]], max_new_tokens: int, params: SamplingPara
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
-    cache = make_cache(cfg, len(rows), longest + max_new_tokens, weight.dtype, device)
-    # Prefill: a batch of equal lengths in one pass; otherwise each row on its own into its cache row.
-    if all(len(r) == longest for r in rows):
+    if session is not None:  # one prompt; the cache may already hold a prefix of it
+        cache = session.cache
+        start = session.resume(rows[0], longest + max_new_tokens, reuse=pixel_values is None)  # 0 with images
+        logits_BV = prefill(model, torch.tensor([rows[0][start:]], device=device), cache, start, prefill_chunk,
+                            pixel_values)
+        session.ids = list(rows[0])
+    elif all(len(r) == longest for r in rows):
+        # Prefill: a batch of equal lengths in one pass; otherwise each row on its own into its cache row.
+        cache = make_cache(cfg, len(rows), longest + max_new_tokens, weight.dtype, device)
         logits_BV = prefill(model, torch.tensor(rows, device=device), cache, 0, prefill_chunk, pixel_values)
     else:
+        cache = make_cache(cfg, len(rows), longest + max_new_tokens, weight.dtype, device)
         logits_BV = torch.cat([prefill(model, torch.tensor([r], device=device), cache_rows(cache, b), 0,
                                        prefill_chunk) for b, r in enumerate(rows)])
     seen_BV = None
@@ -171,6 +180,8 @@ def _run(model, rows: list[list[int]], max_new_tokens: int, params: SamplingPara
         if seen_BV is not None:
             seen_BV[torch.arange(len(live), device=device), tokens_B] = True
         logits_BV = decode_step(model, tokens_B, pos_B, cache)
+        if session is not None:
+            session.ids.append(int(tokens_B[0]))
         pos_B = [p + 1 for p in pos_B]
 
 
@@ -202,3 +213,48 @@ def generate(model, prompt_ids: Sequence[int], *, max_new_tokens: int, temperatu
                                 top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, stop_ids=stop_ids,
                                 repetition_penalty=repetition_penalty, stop_strings=stop_strings,
                                 tokenizer=tokenizer, prefill_chunk=prefill_chunk, pixel_values=pixel_values))
+
+
+class ChatSession:
+    """A conversation whose cache outlives each call: a prompt that starts with the tokens already
+    cached (the previous turns) only prefills what is new.
+
+    The cache holds `ids`; each call keeps the longest prefix it shares with them. Local layers only
+    hold their current chunk, so resuming before that chunk resumes at the start of the chunk the
+    shared prefix ends in, and the rest is prefilled again.
+    """
+
+    def __init__(self, model, max_context: int):
+        cfg = model.config.text
+        if not isinstance(max_context, int) or not 1 <= max_context <= cfg.max_position_embeddings:
+            raise ValueError(f"max_context={max_context!r} is invalid: expected an int in "
+                             f"[1, {cfg.max_position_embeddings}] (max_position_embeddings)")
+        self.model, self.max_context = model, max_context
+        self.cache = make_cache(cfg, 1, max_context, model.output.weight.dtype, model.output.weight.device)
+        self.ids: list[int] = []  # the tokens whose keys the cache holds, in order
+        self.reused = 0  # prompt tokens the last call took from the cache
+
+    def resume(self, prompt: list[int], needed: int, reuse: bool = True) -> int:
+        """Cut the cache back to what `prompt` can reuse; returns the position prefilling starts at."""
+        if needed > self.max_context:
+            raise ValueError(f"the conversation needs {needed} positions (prompt + max_new_tokens) but this "
+                             f"session holds {self.max_context} (max_context)")
+        common = 0
+        if reuse:
+            limit = min(len(self.ids), len(prompt) - 1)  # at least one token is fed, for its logits
+            while common < limit and self.ids[common] == prompt[common]:
+                common += 1
+        chunk = self.model.config.text.attention_chunk_size
+        local_start = max([int(c.start_B[0]) for c in self.cache if c.chunk is not None], default=0)
+        keep = common if common >= local_start else common - common % chunk
+        for c in self.cache:
+            c.truncate(keep)
+        self.ids, self.reused = self.ids[:keep], keep
+        return keep
+
+    def generate_stream(self, prompt_ids: Sequence[int], **kwargs) -> Iterator[int]:
+        """As `generate_stream`, reusing the cached prefix."""
+        return (tok for _, tok in generate_batch_stream(self.model, [prompt_ids], session=self, **kwargs))
+
+    def generate(self, prompt_ids: Sequence[int], **kwargs) -> list[int]:
+        return list(self.generate_stream(prompt_ids, **kwargs))

@@ -101,6 +101,19 @@ class LayerCache:
         self.length_B += 1
         return self.length_B.tolist()
 
+    def truncate(self, n: int) -> None:
+        """Forget positions >= n in every row. A chunked layer no longer has the keys before its current
+        chunk, so there `n` may lie before that chunk only if it is a chunk start (nothing is kept then)."""
+        for b in range(self.batch):
+            start = int(self.start_B[b])
+            if n >= start:
+                self.length_B[b] = min(int(self.length_B[b]), n - start)
+            elif self.chunk is None or n % self.chunk == 0:
+                self.start_B[b], self.length_B[b] = n, 0
+            else:
+                raise ValueError(f"cannot cut a chunked cache back to position {n}: its row {b} only holds "
+                                 f"positions from {start} (resume at a chunk start)")
+
     def view(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k_BKSD[:, :, :n], self.v_BKSD[:, :, :n]
 
