@@ -23,7 +23,9 @@ class ExpertBalancer:
         for m in self.moes:
             m.record = []
         E = self.moes[0].n_experts if self.moes else 0
-        self.counts_LE = torch.zeros(len(self.moes), E, dtype=torch.float64)
+        # Summed on the model's device: reading counts back every layer would stall a GPU.
+        device = self.moes[0].expert_bias_E.device if self.moes else "cpu"
+        self.counts_LE = torch.zeros(len(self.moes), E, dtype=torch.float64, device=device)
 
     def begin(self) -> None:
         """Call before each forward: drops what activation-checkpoint recomputes appended in backward."""
@@ -35,7 +37,7 @@ class ExpertBalancer:
         aux = []
         for j, m in enumerate(self.moes):
             for counts_E, logits_NE in m.record:
-                self.counts_LE[j] += counts_E.detach().to("cpu", torch.float64)
+                self.counts_LE[j] += counts_E.detach()
                 if self.aux_coef:
                     aux.append(aux_loss(logits_NE, counts_E, m.top_k))
             m.record.clear()
@@ -45,11 +47,10 @@ class ExpertBalancer:
     def step(self) -> list[list[float]]:
         """After an optimizer step: update the biases from this step's counts; returns each layer's load
         (fraction of routed tokens per expert) and starts counting afresh."""
-        load = []
+        load = (self.counts_LE / self.counts_LE.sum(-1, keepdim=True).clamp(min=1)).tolist()
         for j, m in enumerate(self.moes):
             c_E = self.counts_LE[j]
-            load.append((c_E / c_E.sum().clamp(min=1)).tolist())
-            if self.rate and c_E.sum() > 0:
+            if self.rate:  # an expert at exactly the mean keeps its bias (sign 0)
                 m.expert_bias_E += self.rate * torch.sign(c_E.mean() - c_E).to(m.expert_bias_E)
         self.counts_LE.zero_()
         return load
