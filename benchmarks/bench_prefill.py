@@ -76,9 +76,11 @@ def main() -> None:
                 bos_token_id=1, eos_token_id=[2], pad_token_id=0)
     path = a.dir / f"prefill-D{a.dim}-F{a.hidden}-L{a.layers}-E{a.experts}-V{a.vocab}-C{a.chunk}"
     random_hf_checkpoint(path, torch.float32, std=a.dim ** -0.5, **text)
-    print(f"# Prefill, 1 x {a.tokens} tokens: D={a.dim}, F={a.hidden}, {a.layers} layers (every 4th NoPE/global), "
-          f"{a.experts} experts top-1, chunk {a.chunk}, vocab {a.vocab}; checkpoint {path} "
-          f"({checkpoint_bytes(path) / 1e6:.0f} MB fp32); median of {a.repeat} interleaved runs (wall and CPU)\n# {machine()}")
+    what = f"1 x {a.memory_tokens} tokens, peak memory" if a.memory_tokens else \
+        f"1 x {a.tokens} tokens, median of {a.repeat} interleaved runs (wall and CPU)"
+    print(f"# Prefill, {what}: D={a.dim}, F={a.hidden}, {a.layers} layers (every 4th NoPE/global), {a.experts} "
+          f"experts top-1, chunk {a.chunk}, vocab {a.vocab}; checkpoint {path} "
+          f"({checkpoint_bytes(path) / 1e6:.0f} MB fp32)\n# {machine()}")
     if a.memory_tokens:
         return memory_table(path, a)
     ids = torch.randint(0, a.vocab, (1, a.tokens), generator=torch.Generator().manual_seed(0))
