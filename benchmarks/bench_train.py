@@ -136,8 +136,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="D=256, 2 layers, 2 x 256 tokens")
     p.add_argument("--side", choices=["ours", "hf"], help=argparse.SUPPRESS)
     a = p.parse_args()
-    if a.quick:
-        a.dim, a.layers, a.batch, a.seq, a.vocab = 256, 2, 2, 256, 8192
+    if a.quick:  # smaller defaults; flags given explicitly still win
+        p.set_defaults(dim=256, layers=2, batch=2, seq=256, vocab=8192)
+        a = p.parse_args()
     if a.side:
         return child(a)
     args = [f"--{k}={getattr(a, k)}" for k in ("dim", "layers", "vocab", "batch", "seq", "steps", "warmup",
