@@ -5,7 +5,6 @@ checkpoints readable as HF, CLI errors."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap

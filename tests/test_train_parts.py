@@ -13,7 +13,7 @@ from PIL import Image
 
 import llama4
 from llama4.train.config import config_from_dict, load_train_config
-from llama4.train.data import IGNORE, Encoder, PackedData, read_documents
+from llama4.train.data import Encoder, PackedData, read_documents
 from llama4.train.loss import chunked_cross_entropy
 
 CORPUS_FILES = ("chat.py", "config.py", "media.py")  # real English-and-code text from this package

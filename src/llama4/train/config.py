@@ -222,7 +222,8 @@ def _validate(c: TrainConfig, where: str) -> None:
          f"{c.moe.aux_loss_coef}")
     need(c.lora.rank >= 1, f"lora.rank must be >= 1, got {c.lora.rank}")
     bad = [t for t in c.lora.targets if t not in LORA_TARGETS]
-    need(not bad and c.lora.targets, f"lora.targets {c.lora.targets} must be a non-empty subset of {list(LORA_TARGETS)}")
+    need(not bad and c.lora.targets,
+         f"lora.targets {c.lora.targets} must be a non-empty subset of {list(LORA_TARGETS)}")
 
 
 # Field types, from the annotations (strings under `from __future__ import annotations`).

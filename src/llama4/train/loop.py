@@ -84,8 +84,8 @@ def build_model(cfg: TrainConfig, tok: Tokenizer, device: torch.device) -> Llama
             raise ValueError(f"tokenizer {tok.path} has <|patch|> = {sp['<|patch|>']} but the checkpoint's "
                              f"image_token_index is {mc.image_token_index}; use the checkpoint's tokenizer")
         return model
-    text = {"vocab_size": tok.vocab_size, "bos_token_id": tok.bos_id, "eos_token_id": [tok.eos_id, tok.eom_id, tok.eot_id],
-            "pad_token_id": tok.pad_id, **cfg.model.overrides}
+    text = {"vocab_size": tok.vocab_size, "bos_token_id": tok.bos_id, "pad_token_id": tok.pad_id,
+            "eos_token_id": [tok.eos_id, tok.eom_id, tok.eot_id], **cfg.model.overrides}
     try:
         mc = preset(cfg.model.preset).replace(**text)
     except TypeError as e:
