@@ -102,6 +102,9 @@ def test_kill_during_save_keeps_previous_checkpoint(tok, tmp_path):
     run(cfg, resume=True)
     assert [p.name for p in checkpoints(out)] == ["step_0000004"]
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+    # Killed at step 4, resumed from step 2: the same losses as a run that was never interrupted.
+    whole = run(text_config(tok, tmp_path / "whole", train={"steps": 4}, checkpoint={"every": 2, "keep": 1}))
+    assert losses(out) == losses(whole)
 
 
 def test_never_saves_a_broken_model(tok, tmp_path):
