@@ -202,10 +202,11 @@ def test_cli_train_with_overrides_and_errors(tok, tmp_path, capsys):
 def test_activation_checkpointing_gives_the_same_step(tok, tmp_path):
     rows = []
     for ac in (False, True):
-        trainer = Trainer(config_from_dict(text_config(tok, tmp_path / str(ac),
+        trainer = Trainer(config_from_dict(text_config(tok, tmp_path / str(ac), moe={"aux_loss_coef": 0.01},
                                                        train={"activation_checkpointing": ac})))
         rows.append([trainer.train_step() for _ in range(2)])
     for a, b in zip(*rows):
+        assert a["aux_loss"] > 0 and a["aux_loss"] == pytest.approx(b["aux_loss"], rel=1e-6)
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["grad_norm"] == pytest.approx(b["grad_norm"],
                                                                                                    rel=1e-5)
 
