@@ -160,3 +160,29 @@ def test_inspect_scout_10m_split(capsys):
     # Scout, bf16: 36 local layers x one 8192-token chunk x 8 kv heads x 128 x (k, v) x 2 bytes = 1.125 GiB;
     # 12 global layers x 10,485,760 tokens x 4 KiB = 480 GiB.
     assert "10,485,760" in line and "local   1.125 GiB" in line and "global     480 GiB" in line
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_blocked_lse_attention_equals_fused(causal):
+    """The portable path (devices without the CPU kernel) gives the fused kernel's output and lse."""
+    from llama4.model.attention import _sdpa_lse, sdpa_lse_blocked
+
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 4, 37, 16, generator=g)
+    S = 37 if causal else 100
+    k, v = torch.randn(2, 4, S, 16, generator=g), torch.randn(2, 4, S, 16, generator=g)
+    out, lse = _sdpa_lse(q, k, v, causal)
+    for block in (7, 64, 4096):
+        out_b, lse_b = sdpa_lse_blocked(q, k, v, causal, block=block)
+        assert rel_err(out_b, out) <= 1e-5 and rel_err(lse_b, lse) <= 1e-5
+
+
+def test_cached_float64_takes_the_portable_path(model):
+    """float64 has no fused CPU kernel with log-sum-exps, so this runs `sdpa_lse_blocked` end to end."""
+    m = llama4.Llama4(model.config).double()
+    m.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 512, (1, 2 * C + 9), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        cache = make_cache(m.config.text, 1, ids.shape[1], torch.float64)
+        got = torch.cat([m(ids[:, :20], cache=cache), m(ids[:, 20:], start_pos=20, cache=cache)], 1)
+        assert rel_err(got, m(ids)) <= 1e-5  # the blocked path and RoPE compute in fp32

@@ -157,10 +157,25 @@ def _sdpa_lse(q, k, v, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     if q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16, torch.float16):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)
         return out, lse.float()
-    # Portable fallback: explicit scores for this segment (T x S_segment, bounded by the caller's block).
-    s = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
-    if causal:
-        T = q.shape[2]
-        s = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
-    return (torch.softmax(s, dim=-1) @ v.float()).to(q.dtype), lse
+    return sdpa_lse_blocked(q, k, v, causal)
+
+
+def sdpa_lse_blocked(q_BHTD, k_BHSD, v_BHSD, causal: bool, block: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Portable `_sdpa_lse`: keys in blocks of `block`, merged online, so the scores held at once are
+    [T, block] (never T x S). `causal` means the T queries are the S = T keys' own positions."""
+    T = q_BHTD.shape[2]
+    qf_BHTD = q_BHTD.float() * q_BHTD.shape[-1] ** -0.5
+    out_BHTD = lse_BHT = None
+    for a in range(0, k_BHSD.shape[2], block):
+        s_BHTS = qf_BHTD @ k_BHSD[:, :, a:a + block].float().transpose(-1, -2)
+        if causal:
+            cols = torch.arange(a, a + s_BHTS.shape[-1], device=q_BHTD.device)
+            s_BHTS = s_BHTS.masked_fill(cols > torch.arange(T, device=q_BHTD.device)[:, None], float("-inf"))
+        v_blk = v_BHSD[:, :, a:a + block].float()
+        # The first block holds key 0, visible to every query, so every running lse is finite after it.
+        new_BHT = torch.logsumexp(s_BHTS, -1) if lse_BHT is None else \
+            torch.logaddexp(lse_BHT, torch.logsumexp(s_BHTS, -1))
+        blk_BHTD = torch.exp(s_BHTS - new_BHT.unsqueeze(-1)) @ v_blk
+        out_BHTD = blk_BHTD if out_BHTD is None else out_BHTD * torch.exp(lse_BHT - new_BHT).unsqueeze(-1) + blk_BHTD
+        lse_BHT = new_BHT
+    return out_BHTD.to(q_BHTD.dtype), lse_BHT
