@@ -48,10 +48,16 @@ def test_loss_falls_on_real_text_and_checkpoint_is_hf(tok, tmp_path):
     assert (out / "loss.png").stat().st_size > 0 and (out / "expert_load.png").stat().st_size > 0
     ckpt = latest_checkpoint(out)
     assert ckpt.name == "step_0000012" and (ckpt / "tokenizer.json").is_file()
-    model = llama4.load(ckpt)
+    model = llama4.load(ckpt)  # with the routing biases the run trained
+    saved = json.loads((ckpt / "expert_bias.json").read_text())
+    assert model.layers[1].feed_forward.expert_bias_E.tolist() == saved["layers.1.feed_forward.expert_bias"]
+    assert model.layers[1].feed_forward.expert_bias_E.abs().sum() > 0
     from transformers import Llama4ForCausalLM
 
-    hf = Llama4ForCausalLM.from_pretrained(ckpt)  # the extra files (state, biases, tokenizer) are ignored
+    # transformers reads the weights (and ignores the state, biases and tokenizer files); it has no
+    # expert bias, so compare with ours routing without it.
+    hf = Llama4ForCausalLM.from_pretrained(ckpt)
+    model.reset_buffers()
     ids = torch.randint(0, 300, (1, 16))
     with torch.no_grad():
         torch.testing.assert_close(hf(input_ids=ids).logits, model(ids), rtol=1e-4, atol=1e-4)

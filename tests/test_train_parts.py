@@ -307,3 +307,13 @@ def test_chunked_cross_entropy_never_holds_full_logits():
     with Largest():
         chunked_cross_entropy(h, w, y, chunk=32).backward()
     assert Largest.biggest <= max(32 * V, V * D) < N * V
+
+
+def test_load_applies_expert_biases_and_rejects_bad_ones(tmp_path):
+    model = llama4.Llama4(tiny_text_config(layers=2)).init_weights(std=0.05, seed=0)
+    path = llama4.save(model, tmp_path / "m")
+    (path / "expert_bias.json").write_text(json.dumps({"layers.1.feed_forward.expert_bias": [0.5, 0, 0, -0.5]}))
+    assert llama4.load(path).layers[1].feed_forward.expert_bias_E.tolist() == [0.5, 0, 0, -0.5]
+    (path / "expert_bias.json").write_text(json.dumps({"layers.0.feed_forward.expert_bias": [0.5, 0, 0, -0.5]}))
+    with pytest.raises(ValueError, match=r"expert_bias.json: 'layers.0.feed_forward.expert_bias' does not name"):
+        llama4.load(path)

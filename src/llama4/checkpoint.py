@@ -264,7 +264,23 @@ def load(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: s
         for file, items in by_file.items():
             _read_into(file, headers[file], [(params[ours], hf_key) for ours, hf_key in items])
     model.reset_buffers()
+    _load_expert_bias(model, root / "expert_bias.json")
     return model.eval()
+
+
+def _load_expert_bias(model: Llama4, f: Path) -> None:
+    """Routing biases of auxiliary-loss-free balancing, which `llama4 train` writes beside the weights
+    (the HF format has no field for them): {"layers.{i}.feed_forward.expert_bias": [E floats]}."""
+    if not f.is_file():
+        return
+    for key, values in json.loads(f.read_text()).items():
+        m = re.fullmatch(r"layers\.(\d+)\.feed_forward\.expert_bias", key)
+        moe = getattr(model.layers[int(m.group(1))], "feed_forward", None) \
+            if m and int(m.group(1)) < len(model.layers) else None
+        if not hasattr(moe, "expert_bias_E") or len(values) != moe.n_experts:
+            raise ValueError(f"{f}: {key!r} does not name an MoE layer's {getattr(moe, 'n_experts', '?')} "
+                             f"expert biases (got {len(values)} values)")
+        moe.expert_bias_E = torch.tensor(values, dtype=torch.float32, device=moe.expert_bias_E.device)
 
 
 # Saving -------------------------------------------------------------------------------------------
