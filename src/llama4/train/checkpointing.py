@@ -2,8 +2,8 @@
 
 A checkpoint directory holds the model in the HF layout (config.json + safetensors, which `llama4.load`,
 `llama4 generate` and transformers read) or, for LoRA runs, the adapter; the tokenizer; the MoE expert
-biases (`expert_bias.json`: routing state that the HF format has no field for); and
-`train_state.pt` (optimizer, scheduler, RNG streams, data position, step). Everything is written into a
+biases (`expert_bias.json`, routing state the HF format has no field for; `llama4.load` applies it);
+and `train_state.pt` (optimizer, scheduler, RNG streams, data position, step). Everything is written into a
 hidden staging directory, flushed to disk, and renamed into place in one step, so a kill during a save
 leaves the previous checkpoints as they were; older checkpoints are pruned only after that.
 """
@@ -99,12 +99,12 @@ def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, stat
     return final
 
 
-def load_train_state(ckpt: Path, need_state: bool = True) -> tuple[dict | None, dict]:
-    """(train_state, expert biases) of a checkpoint directory; the state is None unless `need_state`."""
+def load_train_state(ckpt: Path) -> tuple[dict, dict]:
+    """(train_state, expert biases) of a checkpoint directory."""
     f = ckpt / STATE_FILE
-    if need_state and not f.is_file():
+    if not f.is_file():
         raise FileNotFoundError(f"{ckpt}: no {STATE_FILE}; not a training checkpoint")
-    state = torch.load(f, map_location="cpu", weights_only=False) if need_state else None
+    state = torch.load(f, map_location="cpu", weights_only=False)
     biases = {}
     if (ckpt / BIAS_FILE).is_file():
         biases = {k: torch.tensor(v) for k, v in json.loads((ckpt / BIAS_FILE).read_text()).items()}

@@ -26,8 +26,7 @@ from ..config import preset
 from ..model import Llama4
 from ..tokenizer import Tokenizer
 from .balance import ExpertBalancer, imbalance
-from .checkpointing import (BIAS_FILE, latest_checkpoint, load_train_state, rng_state, save_checkpoint,
-                            set_rng_state)
+from .checkpointing import latest_checkpoint, load_train_state, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig, apply_overrides, config_from_dict, load_train_config
 from .data import IGNORE, Encoder, PackedData, read_documents
 from .loss import chunked_cross_entropy
@@ -178,9 +177,6 @@ class Trainer:
         self.opt = make_optimizer(self.params, cfg)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
         self.balancer = ExpertBalancer(self.model, cfg.moe.bias_update_rate, cfg.moe.aux_loss_coef)
-        base = Path(cfg.model.checkpoint) if cfg.model.checkpoint else None
-        if base is not None and (base / BIAS_FILE).is_file():  # a checkpoint of ours: keep its routing
-            self.balancer.load_biases(load_train_state(base, need_state=False)[1], str(base))
         bf16 = t.bf16 if t.bf16 != "auto" else self.device.type == "cuda"
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
         self.step = 0
