@@ -165,6 +165,7 @@ def test_lora_fine_tune_trains_adapters_only(tok, tmp_path):
     a, b = llama4.load(ckpt), llama4.load(merged)
     assert not torch.equal(a.layers[0].attention.wq.weight, b.layers[0].attention.wq.weight)
     assert torch.equal(a.tok_embeddings.weight, b.tok_embeddings.weight)  # not adapted
+    assert torch.equal(a.layers[1].feed_forward.expert_bias_E, b.layers[1].feed_forward.expert_bias_E)
 
 
 def test_loss_falls_on_synthetic_multimodal_set(tok, tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -132,4 +133,8 @@ def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path) -> Pat
     model = llama4.load(base, dtype=torch.float32)
     add_lora(model, cfg["rank"], cfg["alpha"], cfg["targets"])
     load_adapter_into(model, adapter)
-    return llama4.save(merge_lora(model), out)
+    out = llama4.save(merge_lora(model), out)
+    bias = Path(base) / "expert_bias.json"  # routing state beside the weights: the merged model routes alike
+    if bias.is_file():
+        shutil.copyfile(bias, out / bias.name)
+    return out
