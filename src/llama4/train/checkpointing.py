@@ -80,7 +80,10 @@ def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, stat
                 os.replace(f, staging / f.name)
             (staging / "model").rmdir()
         if biases:  # JSON, not safetensors: weight loaders take every *.safetensors file for weights
-            (staging / BIAS_FILE).write_text(json.dumps({k: v.tolist() for k, v in biases.items()}))
+            text = json.dumps({k: v.tolist() for k, v in biases.items()})
+            (staging / BIAS_FILE).write_text(text)
+            if (staging / "adapter").is_dir():  # an adapter carries the routing it was trained with
+                (staging / "adapter" / BIAS_FILE).write_text(text)
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, staging / tokenizer_file.name)
         torch.save(state, staging / STATE_FILE)

@@ -134,7 +134,9 @@ def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path) -> Pat
     add_lora(model, cfg["rank"], cfg["alpha"], cfg["targets"])
     load_adapter_into(model, adapter)
     out = llama4.save(merge_lora(model), out)
-    bias = Path(base) / "expert_bias.json"  # routing state beside the weights: the merged model routes alike
-    if bias.is_file():
-        shutil.copyfile(bias, out / bias.name)
+    # Routing biases (beside the weights): the adapter's, from its fine-tuning run, else the base's.
+    for bias in (Path(adapter) / "expert_bias.json", Path(base) / "expert_bias.json"):
+        if bias.is_file():
+            shutil.copyfile(bias, out / bias.name)
+            break
     return out
