@@ -317,3 +317,18 @@ def test_load_applies_expert_biases_and_rejects_bad_ones(tmp_path):
     (path / "expert_bias.json").write_text(json.dumps({"layers.0.feed_forward.expert_bias": [0.5, 0, 0, -0.5]}))
     with pytest.raises(ValueError, match=r"expert_bias.json: 'layers.0.feed_forward.expert_bias' does not name"):
         llama4.load(path)
+
+
+def test_without_packing_each_row_is_one_document(tok, tmp_path):
+    f = tmp_path / "t.jsonl"
+    f.write_text("".join(json.dumps({"text": " ".join(["word"] * n)}) + "\n" for n in (1, 9, 2)))
+    enc = _encoder(tok, seq_len=16, shuffle=False, pack=False)
+    docs = read_documents([str(f)], enc)
+    n_rows = sum(-(-len(d.ids) // 16) for d in docs)  # a document longer than a row takes several
+    assert n_rows > len(docs)
+    enc.cfg.batch_size = n_rows
+    batch = PackedData(docs, enc, enc.cfg, 0, tok.pad_id).next_batch()
+    assert batch.doc_pos is None  # plain causal attention
+    rows = [[i for i in row if i != tok.pad_id] for row in batch.input_ids.tolist()]
+    assert [row[0] == tok.bos_id for row in rows].count(True) == len(docs)  # each document starts a row
+    assert sum(rows, []) == np.concatenate([d.ids for d in docs]).tolist()
