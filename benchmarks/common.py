@@ -69,7 +69,9 @@ def machine() -> str:
     mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     import transformers
 
-    return (f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, {mem_gb:.0f} GiB RAM; "
+    # The OpenMP wait policy changes small-kernel timings a lot on a busy machine: say when it is set.
+    omp = "".join(f", {k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY") if k in os.environ)
+    return (f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}{omp}, {mem_gb:.0f} GiB RAM; "
             f"torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}")
 
 
