@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import llama4
 from llama4.config import config_to_hf
@@ -75,3 +76,28 @@ def small_text(**overrides) -> llama4.Llama4Config:
 @pytest.fixture
 def tmp_ckpt(tmp_path):
     return tmp_path / "ckpt"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine spinning OpenMP workers make
+    every small op wait on descheduled peers (~20x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any ATen op returns while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out

@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import llama4
 from llama4.model.attention import chunked_causal
 from llama4.model.layers import rope_inv_freq
-from conftest import small_text
+from conftest import LargestTensor, small_text
 
 
 def masked_reference(q, k, v, chunk):
@@ -34,19 +33,6 @@ def test_scout_rope_scaling_has_no_nan():
     plain = rope_inv_freq(128, 500000.0, None)
     assert torch.equal(inv[:8], plain[:8])  # high frequencies untouched
     torch.testing.assert_close(inv[-1], plain[-1] / 16)  # lowest frequency divided by the factor
-
-
-class LargestTensor(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 def test_forward_never_builds_txt_tensors():

@@ -14,14 +14,7 @@ from llama4.model.cache import cache_rows, keep_rows, make_cache
 C = 32  # small_text's attention_chunk_size
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from threads, and on a busy machine spinning OpenMP workers make every
-    # small op wait on descheduled peers.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # from conftest
 
 
 @pytest.fixture(scope="module")

@@ -9,20 +9,14 @@ import pytest
 import torch
 
 import llama4
-from conftest import hf_model, save_hf, small_text
+from conftest import LargestTensor, hf_model, save_hf, small_text
 from llama4.generate import SamplingParams, generate_batch, sample
 from llama4.generate.sampling import filter_logits
 
 C = 32  # small_text's attention_chunk_size
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from threads; on a busy machine spinning OpenMP workers only add waits.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # from conftest
 
 
 @pytest.fixture(scope="module")
@@ -180,19 +174,6 @@ def test_bad_input_is_a_clear_error(model, kwargs, match):
                                **{"max_new_tokens": 4, **{k: v for k, v in kwargs.items() if k != "prompt_ids"}})
 
 
-class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def test_chunked_prefill_bounds_activations():
     """A 2048-token prompt in 64-token slices: nothing T x T, nothing T x vocabulary; the largest
     tensor is the global layers' KV buffer (T x K x Dh), which the prompt needs anyway."""
@@ -201,7 +182,7 @@ def test_chunked_prefill_bounds_activations():
                      intermediate_size=32, intermediate_size_mlp=32, attention_chunk_size=64)
     model = llama4.Llama4(cfg).init_weights(seed=0).eval()
     prompt = torch.randint(0, V, (T,)).tolist()
-    with _LargestTensor() as spy:
+    with LargestTensor() as spy:
         llama4.generate(model, prompt, max_new_tokens=2, stop_ids=[], prefill_chunk=64)
     kv_global = (T + 2) * cfg.text.num_key_value_heads * cfg.text.head_dim
     assert spy.largest <= max(kv_global, V * cfg.text.hidden_size) < T * T / 4

@@ -16,7 +16,9 @@ import llama4
 from llama4.cli import main
 from llama4.train import Trainer, checkpoints, config_from_dict, latest_checkpoint, run
 
-from test_train_parts import corpus_text, one_thread, tok  # noqa: F401  (fixtures)
+from test_train_parts import corpus_text, tok  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # from conftest
 
 
 def text_config(tok, tmp_path, **sections) -> dict:

@@ -26,13 +26,7 @@ def corpus_text() -> str:
     return "".join((root / name).read_text() for name in CORPUS_FILES)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine run ~20x faster on one thread than fighting for two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # from conftest
 
 
 @pytest.fixture(scope="session")

@@ -73,7 +73,7 @@ def image_block_ids(tokenizer: Tokenizer, grid: tuple[int, int], tokens_per_tile
     return ids + [sp["<|image|>"]] + patches + [sp["<|image_end|>"]]
 
 
-def _media_url(part: dict, key: str, where: str) -> str:
+def media_url(part: dict, key: str, where: str) -> str:
     value = part.get(key)
     url = value.get("url") if isinstance(value, dict) else value
     if not isinstance(url, str):
@@ -158,11 +158,11 @@ class _Renderer:
                 raise ValueError(f"{where}: a text part needs {{'text': str}}, got {part!r}")
             self.ids += self.tok.encode(part["text"])
         elif kind == "image_url":
-            url = _media_url(part, "image_url", where)
+            url = media_url(part, "image_url", where)
             self.image(index, "image", url, self.grid_for(url, where))
             self.n_images += 1
         elif kind == "video_url":
-            url = _media_url(part, "video_url", where)
+            url = media_url(part, "video_url", where)
             for t in self.frames_for(url, where):
                 self.ids += self.tok.encode(f"Frame at {t:.1f}s:")
                 self.image(index, "video", url, (1, 1), float(t))

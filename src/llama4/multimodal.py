@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .chat import MediaSlot
+from .chat import MediaSlot, media_url
 from .config import Llama4Config
 from .media import load_image, preprocess_image
 from .tokenizer import Tokenizer
@@ -35,14 +35,6 @@ def user_message(text: str, images: Sequence[str] = (), videos: Sequence[str] = 
     return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
 
 
-def _url(part: Mapping, key: str, where: str) -> str:
-    value = part.get(key)
-    url = value.get("url") if isinstance(value, Mapping) else value
-    if not isinstance(url, str):
-        raise ValueError(f"{where}: {key} part needs {{'{key}': {{'url': str}}}}, got {part!r}")
-    return url
-
-
 def _media_parts(messages: Sequence[dict]) -> list[tuple[str, str, str]]:
     """(kind, url, where) for every image_url / video_url part, in the order the chat layer meets them."""
     found = []
@@ -54,7 +46,7 @@ def _media_parts(messages: Sequence[dict]) -> list[tuple[str, str, str]]:
             kind = part.get("type") if isinstance(part, Mapping) else None
             if kind in ("image_url", "video_url"):
                 where = f"messages[{i}].content[{j}]"
-                found.append((kind, _url(part, kind, where), where))
+                found.append((kind, media_url(part, kind, where), where))
     return found
 
 
