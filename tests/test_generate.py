@@ -308,3 +308,32 @@ def test_chat_session_reuses_the_cached_prefix(model):
     assert next(stream) == llama4.generate(model, turn3 + out3, **kw)[0]
     with pytest.raises(ValueError, match="max_context"):
         session.generate(_prompt(395, 14), **kw)
+
+
+def test_cli_chat_with_images(mm_ckpt, capsys, monkeypatch):
+    """`llama4 chat --image` attaches the image to the first turn; `/image PATH` to the next; a missing
+    file is reported and the conversation goes on."""
+    import io
+
+    from llama4.cli import main
+    from llama4.multimodal import encode_prompt, user_message
+
+    root, tok = mm_ckpt
+    image = str(root / "wide.png")
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"the cat\n/image {root / 'missing.png'}\nsat\n/image {image}\n"
+                                                 "the mat\n/exit\n"))
+    assert main(["chat", "--model", str(root), "--max-new-tokens", "5", "--image", image]) == 0
+    captured = capsys.readouterr()
+    assert "missing.png" in captured.err
+    replies = captured.out.split("\n")[:2]
+    model = llama4.load(root)
+    first = [user_message("the cat", [image])]
+    prompt = encode_prompt(tok, first, model.config)
+    new = llama4.generate(model, prompt.ids, max_new_tokens=5, pixel_values=prompt.pixel_values)
+    assert replies[0] == tok.decode([t for t in new if t not in tok.stop_ids])
+    # The missing image's turn was dropped; the third line's turn carries the second image.
+    history = first + [{"role": "assistant", "content": replies[0]}, user_message("the mat", [image])]
+    prompt = encode_prompt(tok, history, model.config)
+    assert prompt.pixel_values.shape[0] == 6  # 2 images x (2 tiles + thumbnail)
+    new = llama4.generate(model, prompt.ids, max_new_tokens=5, pixel_values=prompt.pixel_values)
+    assert replies[1] == tok.decode([t for t in new if t not in tok.stop_ids])

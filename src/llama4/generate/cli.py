@@ -76,11 +76,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    """Read a user turn per line until EOF or /exit; /reset forgets the conversation. The cache carries
-    over between turns, so each turn prefills only what the previous ones did not."""
+    """Read a user turn per line until EOF or /exit; /reset forgets the conversation; `/image PATH` and
+    `/video PATH` attach media to the next turn (`--image`/`--video` to the first). The cache carries
+    over between text turns, so each prefills only what the previous ones did not; once the
+    conversation holds media, every turn re-encodes it (its pixels go with the whole prompt)."""
+    from ..multimodal import encode_prompt, user_message
+
     model, tokenizer = _load(args)
     session = ChatSession(model, args.context or min(model.config.text.max_position_embeddings, 32768))
     messages = [{"role": "system", "content": args.system}] if args.system else []
+    images, videos = list(args.image), list(args.video)
+    has_media = False
     interactive = sys.stdin.isatty()
     while True:
         if interactive:
@@ -88,12 +94,39 @@ def cmd_chat(args: argparse.Namespace) -> int:
         line = sys.stdin.readline()
         if not line or line.strip() == "/exit":
             return 0
-        if line.strip() == "/reset":
+        command, _, arg = line.strip().partition(" ")
+        if command == "/reset":
             messages = messages[:1] if args.system else []
+            has_media = False
             continue
-        messages.append({"role": "user", "content": line.rstrip("\n")})
-        reply = _stream_text(model, tokenizer, tokenizer.encode_chat(messages), args, sys.stdout, session=session)
+        if command in ("/image", "/video"):
+            (images if command == "/image" else videos).append(arg.strip())
+            continue
+        text = line.rstrip("\n")
+        messages.append(user_message(text, images, videos) if images or videos else {"role": "user", "content": text})
+        has_media |= bool(images or videos)
+        images, videos = [], []
+        try:
+            if has_media:
+                prompt = encode_prompt(tokenizer, messages, model.config, max_tiles=args.max_tiles,
+                                       num_frames=args.num_frames)
+                ids, pixel_values = prompt.ids, prompt.pixel_values
+            else:
+                ids, pixel_values = tokenizer.encode_chat(messages), None
+        except (ValueError, FileNotFoundError) as e:  # a bad file: say so and keep the conversation going
+            print(f"llama4 chat: error: {e}", file=sys.stderr)
+            messages.pop()
+            has_media = any(isinstance(m.get("content"), list) for m in messages)
+            continue
+        reply = _stream_text(model, tokenizer, ids, args, sys.stdout, pixel_values, session=session)
         messages.append({"role": "assistant", "content": reply})
+
+
+def _media_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
+    p.add_argument("--video", action="append", default=[], help="video file (repeatable)")
+    p.add_argument("--max-tiles", type=int, default=16, help="tiles per image (plus a thumbnail)")
+    p.add_argument("--num-frames", type=int, default=8, help="frames sampled per video")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -119,10 +152,7 @@ def add_generate(sub) -> None:
     _common(p)
     p.add_argument("--prompt", required=True, help="prompt text")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the chat format")
-    p.add_argument("--image", action="append", default=[], help="image file (repeatable; implies --chat)")
-    p.add_argument("--video", action="append", default=[], help="video file (repeatable; implies --chat)")
-    p.add_argument("--max-tiles", type=int, default=16, help="tiles per image (plus a thumbnail)")
-    p.add_argument("--num-frames", type=int, default=8, help="frames sampled per video")
+    _media_flags(p)  # media imply --chat
     p.set_defaults(func=cmd_generate)
 
 
@@ -132,4 +162,5 @@ def add_chat(sub) -> None:
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--context", type=int, default=None,
                    help="positions the conversation may use (KV cache size; default min(32768, the model's))")
+    _media_flags(p)  # attached to the first turn; /image PATH and /video PATH attach to the next
     p.set_defaults(func=cmd_chat)
