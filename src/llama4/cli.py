@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .demo import add_demo
 from .evaluate import add_eval
 from .generate.cli import add_chat, add_generate
 from .synth import add_data
@@ -75,7 +76,7 @@ def add_inspect(sub) -> None:
 
 
 # Each entry adds one subcommand; features append theirs here.
-_COMMANDS = [add_inspect, add_tokenizer, add_data, add_train, add_generate, add_chat, add_eval]
+_COMMANDS = [add_inspect, add_tokenizer, add_data, add_train, add_generate, add_chat, add_eval, add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:
