@@ -326,3 +326,15 @@ def test_without_packing_each_row_is_one_document(tok, tmp_path):
     rows = [[i for i in row if i != tok.pad_id] for row in batch.input_ids.tolist()]
     assert [row[0] == tok.bos_id for row in rows].count(True) == len(docs)  # each document starts a row
     assert sum(rows, []) == np.concatenate([d.ids for d in docs]).tolist()
+
+
+def test_vision_overrides_build_the_tower(tok):
+    from llama4.train.loop import build_model
+
+    cfg = config_from_dict({"model": {"vision_overrides": {"hidden_size": 128, "intermediate_size": 512,
+                                                            "num_hidden_layers": 3}}})
+    model = build_model(cfg, tok, torch.device("cpu"))
+    assert model.config.vision.hidden_size == 128 and len(model.vision.layers) == 3
+    for bad, message in [({"bogus": 1}, "bogus"), ({"hidden_size": 100}, "vision config")]:
+        with pytest.raises(ValueError, match=message):
+            build_model(config_from_dict({"model": {"vision_overrides": bad}}), tok, torch.device("cpu"))

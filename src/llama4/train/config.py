@@ -27,6 +27,7 @@ class ModelSection:
     checkpoint: str | None = None  # ... or load this HF checkpoint directory (takes precedence)
     text_only: bool = False  # drop the vision tower (a preset's; a checkpoint keeps what it has)
     overrides: dict = field(default_factory=dict)  # text-config fields, e.g. {num_hidden_layers = 2}
+    vision_overrides: dict = field(default_factory=dict)  # vision-config fields, e.g. {hidden_size = 128}
     init_std: float | None = None  # random init std; None = the config's initializer_range
 
 

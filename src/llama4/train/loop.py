@@ -11,6 +11,8 @@ train_config.json.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import sys
@@ -91,6 +93,11 @@ def build_model(cfg: TrainConfig, tok: Tokenizer, device: torch.device) -> Llama
         raise ValueError(f"model.overrides: {e} (keys must be text config fields)") from None
     if cfg.model.text_only:
         mc.vision = None
+    elif cfg.model.vision_overrides:
+        try:
+            mc.vision = dataclasses.replace(mc.vision, **cfg.model.vision_overrides)
+        except TypeError as e:
+            raise ValueError(f"model.vision_overrides: {e} (keys must be vision config fields)") from None
     mc.image_token_index, mc.boi_token_index, mc.eoi_token_index = \
         sp["<|patch|>"], sp["<|image_start|>"], sp["<|image_end|>"]
     if tok.vocab_size > mc.text.vocab_size:
