@@ -212,3 +212,20 @@ def test_no_weights(tmp_path, text_ckpt):
     shutil.copy(text_ckpt[0] / "config.json", d)
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         llama4.load(d)
+
+
+def test_expert_bias_survives_save_and_load(text_ckpt, tmp_path):
+    """Loss-free balancing's routing bias has no HF field: save writes expert_bias.json, load applies it."""
+    model = llama4.load(text_ckpt[0])
+    moe_layers = [l.feed_forward for l in model.layers if hasattr(l.feed_forward, "expert_bias_E")]
+    moe_layers[0].expert_bias_E = torch.tensor([5.0, 0.0, 0.0, -5.0])
+    llama4.save(model, tmp_path / "b")
+    again = llama4.load(tmp_path / "b")
+    got = [l.feed_forward.expert_bias_E for l in again.layers if hasattr(l.feed_forward, "expert_bias_E")]
+    assert torch.equal(got[0], torch.tensor([5.0, 0.0, 0.0, -5.0])) and not got[1].any()
+    ids = torch.randint(0, 512, (1, 30))
+    with torch.no_grad():
+        assert torch.equal(again(ids), model(ids))
+    moe_layers[0].expert_bias_E.zero_()
+    llama4.save(model, tmp_path / "b")  # a save without biases removes the stale file
+    assert not (tmp_path / "b" / "expert_bias.json").exists()

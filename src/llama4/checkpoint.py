@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from .config import Llama4Config, load_config, save_config
 from .model import Llama4
+from .model.moe import MoE
 
 log = logging.getLogger("llama4")
 
@@ -325,6 +326,11 @@ def save(model: Llama4, path: str | os.PathLike, *, max_shard_size: int | str = 
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.saving-", dir=root.parent))
     try:
         save_config(model.config, tmp / "config.json", spelling=config_spelling)
+        biases = {f"layers.{i}.feed_forward.expert_bias": layer.feed_forward.expert_bias_E.tolist()
+                  for i, layer in enumerate(model.layers) if isinstance(layer.feed_forward, MoE)
+                  and layer.feed_forward.expert_bias_E.any()}
+        if biases:  # routing state from loss-free balancing; `load` applies it
+            (tmp / "expert_bias.json").write_text(json.dumps(biases))
         if len(shards) == 1:
             save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
         else:
@@ -358,7 +364,8 @@ def _swap_into_place(new: Path, target: Path) -> None:
         os.replace(old, target)
         raise
     # Carry over side files (tokenizer, generation config, ...) that the new save does not write.
-    ours = re.compile(r"(config\.json|model\.safetensors(\.index\.json)?|model-\d+-of-\d+\.safetensors)")
+    ours = re.compile(r"(config\.json|expert_bias\.json|model\.safetensors(\.index\.json)?|"
+                      r"model-\d+-of-\d+\.safetensors)")
     for f in old.iterdir():
         if not ours.fullmatch(f.name) and not (target / f.name).exists():
             os.replace(f, target / f.name)
