@@ -91,23 +91,25 @@ class Encoder:
             raise ValueError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
         media: list[Media] = []
 
-        def grid(url: str) -> tuple[int, int]:
-            m = Media("image", self._media_path(url, base, where))
+        def layout(kind: str, url: str):
+            """Decode one image or video (once), note it, and return its tile grid or frame times."""
+            m = Media(kind, self._media_path(url, base, where))
             try:
-                m.grid = self._decode(m)[1]
+                found = self._decode(m)[1]
             except (ValueError, OSError) as e:
-                raise ValueError(f"{where}: image {url!r} cannot be used: {e}") from None
+                raise ValueError(f"{where}: {kind} {url!r} cannot be used: {e}") from None
+            if kind == "image":
+                m.grid = found
+            else:
+                m.frame_times = found
             media.append(m)
-            return m.grid
+            return found
+
+        def grid(url: str) -> tuple[int, int]:
+            return layout("image", url)
 
         def frames(url: str) -> list[float]:
-            m = Media("video", self._media_path(url, base, where))
-            try:
-                m.frame_times = self._decode(m)[1]
-            except (ValueError, OSError) as e:
-                raise ValueError(f"{where}: video {url!r} cannot be used: {e}") from None
-            media.append(m)
-            return m.frame_times
+            return layout("video", url)
 
         tokens_per_tile = self.vision.tokens_per_tile if self.vision is not None else 1
         # One pass through the chat renderer, noting where each assistant turn's content begins and ends.
