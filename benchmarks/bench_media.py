@@ -32,7 +32,8 @@ SIZES = [(480, 640), (1080, 1920), (3000, 4000), (336, 4000)]
 _VIDEO_RUN = """
 import json, sys, threading, time
 from common import rss_bytes
-from llama4 import load_video, video
+from llama4 import load_video
+from llama4.media import video
 path, side, num_frames = sys.argv[1], sys.argv[2], int(sys.argv[3])
 if side == "transformers":
     from transformers.video_utils import load_video as load

@@ -15,7 +15,7 @@ import sysconfig
 import time
 from pathlib import Path
 
-from llama_models.llama4.tokenizer import Tokenizer as MetaTokenizer
+from llama_models.llama4.text.tokenizer import Tokenizer as MetaTokenizer
 
 from llama4 import Tokenizer
 

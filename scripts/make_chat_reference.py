@@ -1,4 +1,4 @@
-"""Write tests/data/chat_reference.json: Meta's ChatFormat ids for a set of OpenAI-style dialogs.
+"""Write tests/fixtures/chat_reference.json: Meta's ChatFormat ids for a set of OpenAI-style dialogs.
 
 `llama_models.llama4.chat_format` imports torchvision, which the project venv does not carry, so the
 oracle runs in its own environment and the test compares against the committed output:
@@ -24,9 +24,9 @@ from PIL import Image
 from llama_models.datatypes import RawMediaItem, RawMessage, RawTextItem, ToolCall, ToolPromptFormat
 from llama_models.llama4.args import Size, VisionArgs
 from llama_models.llama4.chat_format import ChatFormat
-from llama_models.llama4.tokenizer import Tokenizer
+from llama_models.llama4.text.tokenizer import Tokenizer
 
-OUT = Path(__file__).resolve().parent.parent / "tests" / "data" / "chat_reference.json"
+OUT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "chat_reference.json"
 
 
 def img(w: int, h: int) -> dict:

@@ -1,4 +1,4 @@
-"""Write tests/data/image_reference.json: transformers' Llama4ImageProcessor outputs for many cases.
+"""Write tests/fixtures/image_reference.json: transformers' Llama4ImageProcessor outputs for many cases.
 
 transformers' processor needs torchvision, which the project's own environment does not carry,
 so this oracle runs in a separate one:
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-OUT = Path(__file__).resolve().parent.parent / "tests" / "data" / "image_reference.json"
+OUT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "image_reference.json"
 SAMPLES_PER_CASE = 256
 SWEEP_SIZE = 3000
 

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 import llama4
-from llama4.config import config_from_hf, config_to_hf, kv_cache_bytes
+from llama4.config import config_from_hf, config_to_hf
+from llama4.accounting import kv_cache_bytes
 
 # Copies of the published configs (shared/reference/), kept with the tests so they always run.
-DATA = Path(__file__).resolve().parent / "data"
+DATA = Path(__file__).resolve().parent / "fixtures"
 
 
 def ref_config(name):

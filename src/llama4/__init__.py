@@ -1,21 +1,14 @@
 """llama4: Meta's Llama 4 model family in plain, readable PyTorch."""
 
-from .config import (Llama4Config, TextConfig, VisionConfig, config_from_hf, config_to_hf, kv_cache_bytes,
-                     load_config, parameter_counts, preset, save_config)
-from .media import load_image, preprocess_image
-from .tokenizer import Tokenizer
-from .video import load_video
+from .accounting import kv_cache_bytes, parameter_counts
+from .checkpoint import load, save
+from .config import Llama4Config, TextConfig, VisionConfig, config_from_hf, config_to_hf, load_config, preset, save_config
+from .generation import generate, generate_batch, generate_stream
+from .media import load_image, load_video, preprocess_image
+from .model import Llama4
+from .text import Tokenizer
 
-__all__ = ["Llama4Config", "TextConfig", "VisionConfig", "config_from_hf", "config_to_hf", "kv_cache_bytes",
-           "load_config", "parameter_counts", "preset", "save_config", "Tokenizer",
-           "load_image", "preprocess_image", "load_video"]
+__all__ = ["Llama4", "Llama4Config", "TextConfig", "Tokenizer", "VisionConfig", "config_from_hf", "config_to_hf",
+           "generate", "generate_batch", "generate_stream", "kv_cache_bytes", "load", "load_config", "load_image",
+           "load_video", "parameter_counts", "preset", "preprocess_image", "save", "save_config"]
 __version__ = "0.1.0"
-
-from .checkpoint import load, save  # noqa: E402
-from .model import Llama4  # noqa: E402
-
-__all__ += ["Llama4", "load", "save"]
-
-from .generate import generate, generate_batch, generate_stream  # noqa: E402
-
-__all__ += ["generate", "generate_batch", "generate_stream"]

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TextConfig
-from .cache import LayerCache
+from ..kv.contiguous import LayerCache
 from .layers import apply_rope, l2_norm
 
 

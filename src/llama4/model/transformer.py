@@ -13,7 +13,7 @@ from torch import nn
 
 from ..config import Llama4Config, TextConfig
 from .attention import Attention, document_mask
-from .cache import LayerCache
+from ..kv.contiguous import LayerCache
 from .layers import RMSNorm, SwiGLU, rope_freqs, rope_inv_freq
 from .moe import MoE
 

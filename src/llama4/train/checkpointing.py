@@ -57,7 +57,7 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, state: dict, biases: dict,
                     tokenizer_file: Path | None, keep: int) -> Path:
     """Write checkpoint `step` atomically and prune all but the newest `keep`. `state` goes to train_state.pt."""
-    import llama4
+    from ..checkpoint import save
 
     from .lora import save_adapter
 
@@ -75,7 +75,7 @@ def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, stat
         if hasattr(model, "lora_config"):
             save_adapter(model, staging / "adapter")
         else:
-            llama4.save(model, staging / "model")
+            save(model, staging / "model")
             for f in (staging / "model").iterdir():
                 os.replace(f, staging / f.name)
             (staging / "model").rmdir()

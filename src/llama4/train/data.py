@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..chat import ROLE_HEADERS, _Renderer
+from ..text.chat import ROLE_HEADERS, ChatRenderer
 from ..config import Llama4Config
-from ..media import load_image, preprocess_image
-from ..tokenizer import Tokenizer
+from ..media.image import load_image, preprocess_image
+from ..text.tokenizer import Tokenizer
 from .config import DataSection
 
 IGNORE = -100  # label of a position with no loss
@@ -113,8 +113,8 @@ class Encoder:
 
         tokens_per_tile = self.vision.tokens_per_tile if self.vision is not None else 1
         # One pass through the chat renderer, noting where each assistant turn's content begins and ends.
-        r = _Renderer(self.tok, grid, frames, tokens_per_tile)
-        header = _Renderer(self.tok, None, None, 1)
+        r = ChatRenderer(self.tok, grid, frames, tokens_per_tile)
+        header = ChatRenderer(self.tok, None, None, 1)
         header.header("assistant")
         header_len = len(header.ids) - 1  # minus its begin-of-text
         target = []
@@ -162,7 +162,7 @@ class Encoder:
         if m.kind == "image":
             tiles, layout = preprocess_image(load_image(m.path), tile_size=size, max_tiles=self.cfg.max_tiles)
         else:
-            from ..video import load_video
+            from ..media.video import load_video
 
             frames = load_video(m.path, num_frames=self.cfg.video_frames)
             tiles = torch.cat([preprocess_image(f.image, tile_size=size, max_tiles=1)[0] for f in frames])

@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import preset
 from ..model import Llama4
-from ..tokenizer import Tokenizer
+from ..text.tokenizer import Tokenizer
 from .balance import ExpertBalancer, imbalance
 from .checkpointing import latest_checkpoint, load_train_state, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig, apply_overrides, config_from_dict, load_train_config
@@ -72,11 +72,11 @@ def load_tokenizer(cfg: TrainConfig) -> Tokenizer:
 
 def build_model(cfg: TrainConfig, tok: Tokenizer, device: torch.device) -> Llama4:
     """A loaded checkpoint (fine-tuning) or a preset with random weights, in fp32 (the master weights)."""
-    import llama4
+    from ..checkpoint import load
 
     sp = tok.special_tokens
     if cfg.model.checkpoint is not None:
-        model = llama4.load(cfg.model.checkpoint, dtype=torch.float32, device=device)
+        model = load(cfg.model.checkpoint, dtype=torch.float32, device=device)
         mc = model.config
         if tok.vocab_size > mc.text.vocab_size:
             raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} ids but checkpoint {cfg.model.checkpoint} "
@@ -203,9 +203,9 @@ class Trainer:
 
             load_adapter_into(self.model, ckpt / "adapter")
         else:
-            import llama4
+            from ..checkpoint import load
 
-            saved = llama4.load(ckpt, dtype=torch.float32)
+            saved = load(ckpt, dtype=torch.float32)
             self.model.load_state_dict(saved.state_dict())
         self.balancer.load_biases(biases, str(ckpt))
         self.opt.load_state_dict(state["optimizer"])

@@ -127,13 +127,13 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
     """Load an HF checkpoint, apply a saved adapter, merge it and save a full HF checkpoint to `out`."""
-    import llama4
+    from ..checkpoint import load, save
 
     cfg = read_adapter_config(adapter)
-    model = llama4.load(base, dtype=torch.float32)
+    model = load(base, dtype=torch.float32)
     add_lora(model, cfg["rank"], cfg["alpha"], cfg["targets"])
     load_adapter_into(model, adapter)
-    out = llama4.save(merge_lora(model), out)
+    out = save(merge_lora(model), out)
     # Routing biases (beside the weights): the adapter's, from its fine-tuning run, else the base's.
     for bias in (Path(adapter) / "expert_bias.json", Path(base) / "expert_bias.json"):
         if bias.is_file():

@@ -1,0 +1,71 @@
+"""Parameter counts, KV-cache sizes by layer kind and byte formatting, computed from a config alone."""
+
+from __future__ import annotations
+
+from .config import Llama4Config, VisionConfig
+
+
+def _vision_params(v: VisionConfig, text_hidden: int) -> int:
+    d, i = v.hidden_size, v.intermediate_size
+    patches = (v.image_size // v.patch_size) ** 2
+    n = v.num_channels * v.patch_size**2 * d  # unfold patch embedding (no bias)
+    n += d + (patches + 1) * d  # class token + positional embedding
+    n += 2 * 2 * d  # pre / post LayerNorm
+    layer = 4 * (d * d + d) + (d * i + i) + (i * d + d) + 2 * 2 * d
+    n += v.num_hidden_layers * layer
+    # adapter MLP: HF sizes fc1's input by `intermediate_size` (= the pixel-shuffled width in every release)
+    n += i * v.projector_input_dim + v.projector_output_dim * v.projector_output_dim
+    n += v.vision_output_dim * text_hidden + (text_hidden if v.multi_modal_projector_bias else 0)
+    return n
+
+
+def parameter_counts(cfg: Llama4Config) -> dict[str, int]:
+    """`total`: every parameter in the HF layout (vision tower included); `active`: the text
+    parameters one token uses (embeddings and lm_head in full, top-k of the routed experts)."""
+    t = cfg.text
+    D, hd = t.hidden_size, t.head_dim
+    attn = D * hd * (2 * t.num_attention_heads + 2 * t.num_key_value_heads)
+    if t.attention_bias:
+        attn += hd * (t.num_attention_heads + 2 * t.num_key_value_heads) + D
+    swiglu = lambda f: 3 * D * f  # noqa: E731
+    total = active = 0
+    for i in range(t.num_hidden_layers):
+        base = attn + 2 * D
+        if t.is_moe(i):
+            shared = t.num_local_experts * D + swiglu(t.intermediate_size)  # router + shared expert
+            total += base + shared + t.num_local_experts * swiglu(t.intermediate_size)
+            active += base + shared + t.num_experts_per_tok * swiglu(t.intermediate_size)
+        else:
+            total += base + swiglu(t.intermediate_size_mlp)
+            active += base + swiglu(t.intermediate_size_mlp)
+    emb = t.vocab_size * D * (1 if t.tie_word_embeddings else 2) + D
+    total += emb
+    active += emb
+    if cfg.vision is not None:
+        total += _vision_params(cfg.vision, D)
+    return {"total": total, "active": active}
+
+
+def kv_bytes_per_token(cfg: Llama4Config, dtype_bytes: int = 2) -> dict[str, int]:
+    """KV-cache bytes one token costs, by layer kind (keys + values, all layers of that kind)."""
+    t = cfg.text
+    per_layer = 2 * t.num_key_value_heads * t.head_dim * dtype_bytes
+    local = sum(t.is_chunked(i) for i in range(t.num_hidden_layers))
+    return {"local": local * per_layer, "global": (t.num_hidden_layers - local) * per_layer}
+
+
+def kv_cache_bytes(cfg: Llama4Config, context: int, dtype_bytes: int = 2) -> dict[str, int]:
+    """KV-cache bytes for `context` tokens: local layers hold at most one chunk, global layers all."""
+    per = kv_bytes_per_token(cfg, dtype_bytes)
+    chunk = cfg.text.attention_chunk_size or context
+    local = per["local"] * min(context, chunk)
+    glob = per["global"] * context
+    return {"local": local, "global": glob, "total": local + glob}
+
+
+def bytes_human(n: float) -> str:
+    for suffix in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024 or suffix == "PiB":
+            return f"{n:.4g} {suffix}"
+        n /= 1024
+    return f"{n} B"

@@ -1,0 +1,150 @@
+"""`llama4 generate` (one prompt, streamed to stdout) and `llama4 chat` (an interactive multi-turn loop).
+
+Text goes through the checkpoint directory's tokenizer (`tokenizer.model` or `tokenizer.json`), or the
+published Llama 4 tokenizer when the directory has none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from .common import load_model_and_tokenizer
+from ..generation.engine import DEFAULT_PREFILL_CHUNK, ChatSession, generate_stream
+
+
+def _sampling(args: argparse.Namespace, tokenizer) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                stop_strings=args.stop or None, tokenizer=tokenizer, prefill_chunk=args.prefill_chunk)
+
+
+def _stream_text(model, tokenizer, ids: list[int], args: argparse.Namespace, out: TextIO,
+                 pixel_values: torch.Tensor | None = None, session: ChatSession | None = None) -> str:
+    """Write the reply to `out` as it comes; returns its text (without the stop token)."""
+    stops = set(model.config.text.eos_token_id) | set(tokenizer.stop_ids)
+    decoder, pieces = tokenizer.stream(), []
+    for tok in generate_stream(model, ids, stop_ids=sorted(stops), pixel_values=pixel_values, session=session,
+                               **_sampling(args, tokenizer)):
+        if tok in stops:
+            break
+        piece = decoder.push(tok)
+        pieces.append(piece)
+        out.write(piece)
+        out.flush()
+    tail = decoder.flush()
+    out.write(tail + "\n")
+    out.flush()
+    return "".join(pieces) + tail
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    model, tokenizer = load_model_and_tokenizer(args)
+    pixel_values = None
+    if args.image or args.video:  # media live in chat turns: the prompt becomes one user turn
+        from ..media.prompt import encode_prompt, user_message
+
+        prompt = encode_prompt(tokenizer, [user_message(args.prompt, args.image, args.video)], model.config,
+                               max_tiles=args.max_tiles, num_frames=args.num_frames)
+        ids, pixel_values = prompt.ids, prompt.pixel_values
+    elif args.chat:
+        ids = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
+    else:
+        ids = tokenizer.encode(args.prompt, bos=True)
+    _stream_text(model, tokenizer, ids, args, sys.stdout, pixel_values)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Read a user turn per line until EOF or /exit; /reset forgets the conversation; `/image PATH` and
+    `/video PATH` attach media to the next turn (`--image`/`--video` to the first). The cache carries
+    over between text turns, so each prefills only what the previous ones did not; once the
+    conversation holds media, every turn re-encodes it (its pixels go with the whole prompt)."""
+    from ..media.prompt import encode_prompt, user_message
+
+    model, tokenizer = load_model_and_tokenizer(args)
+    session = ChatSession(model, args.context or min(model.config.text.max_position_embeddings, 32768))
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    images, videos = list(args.image), list(args.video)
+    has_media = False
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            return 0
+        command, _, arg = line.strip().partition(" ")
+        if command == "/reset":
+            messages = messages[:1] if args.system else []
+            has_media = False
+            continue
+        if command in ("/image", "/video"):
+            (images if command == "/image" else videos).append(arg.strip())
+            continue
+        text = line.rstrip("\n")
+        messages.append(user_message(text, images, videos) if images or videos else {"role": "user", "content": text})
+        has_media |= bool(images or videos)
+        images, videos = [], []
+        try:
+            if has_media:
+                prompt = encode_prompt(tokenizer, messages, model.config, max_tiles=args.max_tiles,
+                                       num_frames=args.num_frames)
+                ids, pixel_values = prompt.ids, prompt.pixel_values
+            else:
+                ids, pixel_values = tokenizer.encode_chat(messages), None
+        except (ValueError, FileNotFoundError) as e:  # a bad file: say so and keep the conversation going
+            print(f"llama4 chat: error: {e}", file=sys.stderr)
+            messages.pop()
+            has_media = any(isinstance(m.get("content"), list) for m in messages)
+            continue
+        reply = _stream_text(model, tokenizer, ids, args, sys.stdout, pixel_values, session=session)
+        messages.append({"role": "assistant", "content": reply})
+
+
+def _media_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
+    p.add_argument("--video", action="append", default=[], help="video file (repeatable)")
+    p.add_argument("--max-tiles", type=int, default=16, help="tiles per image (plus a thumbnail)")
+    p.add_argument("--num-frames", type=int, default=8, help="frames sampled per video")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory (config.json + *.safetensors)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer file or directory (default: the model's, "
+                                                     "else the published Llama 4 tokenizer)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--min-p", type=float, default=0.0, help="0 = off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
+                   help="prompt tokens per prefill step (bounds activation memory)")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto = the checkpoint's")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="complete a prompt, streaming the text to stdout")
+    _common(p)
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the chat format")
+    _media_flags(p)  # media imply --chat
+    p.set_defaults(func=cmd_generate)
+
+
+def add_chat(sub) -> None:
+    p = sub.add_parser("chat", help="interactive multi-turn chat (one user turn per line; /reset, /exit)")
+    _common(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--context", type=int, default=None,
+                   help="positions the conversation may use (KV cache size; default min(32768, the model's))")
+    _media_flags(p)  # attached to the first turn; /image PATH and /video PATH attach to the next
+    p.set_defaults(func=cmd_chat)

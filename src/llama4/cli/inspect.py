@@ -1,0 +1,62 @@
+"""`llama4 inspect`: a config's layer kinds, parameter counts and KV-cache sizes by layer kind."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..accounting import bytes_human, kv_bytes_per_token, kv_cache_bytes, parameter_counts
+from ..config import PRESETS, load_config, preset
+
+
+def _load_config_or_preset(spec: str):
+    if spec in PRESETS:
+        return preset(spec)
+    if Path(spec).exists():
+        return load_config(spec)
+    raise SystemExit(f"llama4: {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    cfg = _load_config_or_preset(args.model)
+    t = cfg.text
+    n = t.num_hidden_layers
+    local = [i for i in range(n) if t.is_chunked(i)]
+    glob = [i for i in range(n) if not t.is_chunked(i)]
+    moe = [i for i in range(n) if t.is_moe(i)]
+    counts = parameter_counts(cfg)
+    print(f"model            {cfg.name or args.model}  ({cfg.architecture})")
+    print(f"layers           {n}: {len(local)} local (RoPE, chunk {t.attention_chunk_size}), "
+          f"{len(glob)} global (NoPE{', temperature-tuned' if t.attn_temperature_tuning else ''})")
+    print(f"  global layers  {glob}")
+    print(f"ffn              {len(moe)} MoE layers ({t.num_local_experts} experts, top-{t.num_experts_per_tok} "
+          f"+ shared, F={t.intermediate_size}), {n - len(moe)} dense (F={t.intermediate_size_mlp})")
+    print(f"attention        D={t.hidden_size}, {t.num_attention_heads} heads / {t.num_key_value_heads} kv heads, "
+          f"head_dim={t.head_dim}, qk-norm={'on' if t.use_qk_norm else 'off'}")
+    rs = t.rope_scaling
+    print(f"rope             theta={t.rope_theta:g}" + (f", {rs.get('rope_type')} scaling x{rs.get('factor')}"
+                                                        if rs else ", no scaling"))
+    print(f"context          {t.max_position_embeddings:,} tokens; vocab {t.vocab_size:,}")
+    if cfg.vision is not None:
+        v = cfg.vision
+        print(f"vision           ViT {v.num_hidden_layers} layers, D={v.hidden_size}, {v.image_size}px tiles, "
+              f"patch {v.patch_size}, {v.tokens_per_tile} tokens/tile")
+    print(f"parameters       total {counts['total']:,}  active {counts['active']:,}")
+    per = kv_bytes_per_token(cfg, args.kv_bytes)
+    print(f"kv-cache/token   local layers {bytes_human(per['local'])}, global layers {bytes_human(per['global'])} "
+          f"({args.kv_bytes}-byte elements)")
+    contexts = [args.context] if args.context else [8192, 131072, 1048576, t.max_position_embeddings]
+    for ctx in sorted(set(contexts)):
+        kv = kv_cache_bytes(cfg, ctx, args.kv_bytes)
+        naive = (per["local"] + per["global"]) * ctx
+        print(f"kv-cache @{ctx:>11,}  local {bytes_human(kv['local']):>11}  global {bytes_human(kv['global']):>11}  "
+              f"total {bytes_human(kv['total']):>11}  (naive {bytes_human(naive)})")
+    return 0
+
+
+def add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="config summary, parameter counts and KV-cache sizes")
+    p.add_argument("model", help="checkpoint directory or preset name (tiny, scout, maverick, behemoth)")
+    p.add_argument("--context", type=int, default=None, help="context length for the KV-cache figure")
+    p.add_argument("--kv-bytes", type=int, default=2, help="bytes per cached element (2 = bf16)")
+    p.set_defaults(func=cmd_inspect)
