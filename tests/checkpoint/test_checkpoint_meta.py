@@ -94,12 +94,12 @@ def ours_to_published(model: llama4.Llama4) -> dict[str, torch.Tensor]:
         name = name.replace("feed_forward.router.weight", "feed_forward.router_DE")
         if name.endswith("router_DE"):
             t = t.T
-        elif name.endswith("experts.w_gate_up_EDF2"):
+        elif name.endswith("experts.gate_up_proj"):
             gate, up = t.chunk(2, dim=-1)
-            out[name.replace("w_gate_up_EDF2", "w1")], out[name.replace("w_gate_up_EDF2", "w3")] = gate, up
+            out[name.replace("gate_up_proj", "w1")], out[name.replace("gate_up_proj", "w3")] = gate, up
             continue
-        elif name.endswith("experts.w_down_EFD"):
-            name = name.replace("w_down_EFD", "w2")
+        elif name.endswith("experts.down_proj"):
+            name = name.replace("down_proj", "w2")
         out[name] = t.contiguous()
     return published_names(out, set(cfg.moe_layers))
 
