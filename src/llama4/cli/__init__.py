@@ -7,6 +7,7 @@ in one place without touching the others.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .data import add_data
@@ -34,9 +35,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"llama4 {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: stop quietly (chat handles it itself and goes on)
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `llama4 generate ... | head`: the reader left; stop quietly, as `yes | head` does
+        try:  # stdout's buffer still holds unwritten text; point it at devnull so the exit flush cannot fail
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 141  # 128 + SIGPIPE, what a shell reports for a writer killed by a closed pipe
 
 
 if __name__ == "__main__":

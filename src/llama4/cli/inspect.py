@@ -7,12 +7,25 @@ from pathlib import Path
 
 from ..accounting import bytes_human, kv_bytes_per_token, kv_cache_bytes, parameter_counts
 from ..config import PRESETS, load_config, preset
+from .common import positive_int
 
 
 def _load_config_or_preset(spec: str):
     if spec in PRESETS:
         return preset(spec)
-    if Path(spec).exists():
+    path = Path(spec)
+    if path.is_dir() and not (path / "config.json").exists() and (path / "params.json").exists():
+        import json
+
+        from ..checkpoint.meta import config_from_params
+
+        f = path / "params.json"  # Meta's layout, as `load` reads it
+        try:
+            params = json.loads(f.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{f}: not valid JSON ({e})") from None
+        return config_from_params(params, str(f), vocab_size=202048)
+    if path.exists():
         return load_config(spec)
     raise SystemExit(f"llama4: {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
 
@@ -57,6 +70,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="config summary, parameter counts and KV-cache sizes")
     p.add_argument("model", help="checkpoint directory or preset name (tiny, scout, maverick, behemoth)")
-    p.add_argument("--context", type=int, default=None, help="context length for the KV-cache figure")
-    p.add_argument("--kv-bytes", type=int, default=2, help="bytes per cached element (2 = bf16)")
+    p.add_argument("--context", type=positive_int, default=None, help="context length for the KV-cache figure")
+    p.add_argument("--kv-bytes", type=positive_int, default=2, help="bytes per cached element (2 = bf16)")
     p.set_defaults(func=cmd_inspect)

@@ -104,6 +104,7 @@ class TrainConfig:
 
 
 LORA_TARGETS = ("attention", "experts")
+DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
 def config_from_dict(d: dict, where: str = "config") -> TrainConfig:
@@ -209,12 +210,16 @@ def _validate(c: TrainConfig, where: str) -> None:
     need(c.optim.lr > 0, f"optim.lr must be > 0, got {c.optim.lr}")
     need(0 <= c.optim.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {c.optim.min_lr_ratio}")
     need(c.optim.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {c.optim.warmup_steps}")
-    need(len(c.optim.betas) == 2 and all(0 <= b < 1 for b in c.optim.betas),
+    need(len(c.optim.betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                                         for b in c.optim.betas),
          f"optim.betas must be two numbers in [0, 1), got {c.optim.betas}")
     need(c.optim.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {c.optim.grad_clip}")
     need(c.train.steps >= 1, f"train.steps must be >= 1, got {c.train.steps}")
     need(c.train.grad_accum >= 1, f"train.grad_accum must be >= 1, got {c.train.grad_accum}")
     need(c.train.loss_chunk >= 1, f"train.loss_chunk must be >= 1, got {c.train.loss_chunk}")
+    need(c.train.device == "auto" or c.train.device.split(":")[0] in DEVICE_TYPES,
+         f"train.device = {c.train.device!r} is not a device this trainer runs on; expected \"auto\" or one of "
+         f"{list(DEVICE_TYPES)} (optionally with an index, e.g. \"cuda:1\")")
     need(c.train.bf16 in ("auto", True, False), f"train.bf16 must be true, false or \"auto\", got {c.train.bf16!r}")
     need(c.checkpoint.every >= 0 and c.checkpoint.keep >= 1,
          f"checkpoint.every must be >= 0 and checkpoint.keep >= 1, got {c.checkpoint.every}, {c.checkpoint.keep}")

@@ -58,7 +58,17 @@ def _as_config(config, overrides) -> TrainConfig:
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"train.device = {name!r}: {e}") from None
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(device.type)
+    if available is not None and not available():
+        raise ValueError(f"train.device = {name!r}, but this machine has no {device.type.upper()} device that torch "
+                         f"can use (torch {torch.__version__}); use \"cpu\" or \"auto\"")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"train.device = {name!r}, but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return device
 
 
 def load_tokenizer(cfg: TrainConfig) -> Tokenizer:
@@ -91,6 +101,8 @@ def build_model(cfg: TrainConfig, tok: Tokenizer, device: torch.device) -> Llama
         mc = preset(cfg.model.preset).replace(**text)
     except TypeError as e:
         raise ValueError(f"model.overrides: {e} (keys must be text config fields)") from None
+    except ValueError as e:
+        raise ValueError(f"model.overrides: {e}") from None
     if cfg.model.text_only:
         mc.vision = None
     elif cfg.model.vision_overrides:
@@ -98,6 +110,8 @@ def build_model(cfg: TrainConfig, tok: Tokenizer, device: torch.device) -> Llama
             mc.vision = dataclasses.replace(mc.vision, **cfg.model.vision_overrides)
         except TypeError as e:
             raise ValueError(f"model.vision_overrides: {e} (keys must be vision config fields)") from None
+        except ValueError as e:
+            raise ValueError(f"model.vision_overrides: {e}") from None
     mc.image_token_index, mc.boi_token_index, mc.eoi_token_index = \
         sp["<|patch|>"], sp["<|image_start|>"], sp["<|image_end|>"]
     if tok.vocab_size > mc.text.vocab_size:
@@ -144,6 +158,7 @@ class Progress:
 
     def __init__(self, total: int, enabled: bool):
         self.total, self.enabled, self.t0 = total, enabled, time.perf_counter()
+        self.threads = torch.get_num_threads()  # shown: a slow setting should be visible at a glance
 
     def update(self, step: int, start_step: int, loss: float, tok_s: float) -> None:
         if not self.enabled:
@@ -152,7 +167,8 @@ class Progress:
         per_step = (time.perf_counter() - self.t0) / max(done, 1)
         eta = int(per_step * (self.total - step))
         bar = "#" * int(24 * step / self.total)
-        sys.stderr.write(f"\rstep {step}/{self.total} [{bar:<24}] loss {loss:.4f}  {tok_s:,.0f} tok/s  "
+        sys.stderr.write(f"\rstep {step}/{self.total} [{bar:<24}] loss {loss:.4f}  {tok_s:,.0f} tok/s "
+                         f"({self.threads} thread{'s' * (self.threads != 1)})  "
                          f"ETA {eta // 3600}:{eta % 3600 // 60:02d}:{eta % 60:02d} ")
         sys.stderr.flush()
 
@@ -170,6 +186,11 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.tok = load_tokenizer(cfg)
         self.model = build_model(cfg, self.tok, self.device)
+        window = self.model.config.text.max_position_embeddings
+        if cfg.data.seq_len > window:
+            raise ValueError(f"data.seq_len={cfg.data.seq_len} is beyond the model's window: max_position_embeddings="
+                             f"{window}; lower seq_len (or raise model.overrides.max_position_embeddings for a "
+                             f"preset)")
         encoder = Encoder(self.tok, self.model.config, cfg.data)
         docs = read_documents(cfg.data.paths, encoder)
         self.data = PackedData(docs, encoder, cfg.data, t.seed, self.tok.pad_id)

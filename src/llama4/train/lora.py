@@ -95,10 +95,18 @@ def read_adapter_config(path: str | Path) -> dict:
     f = Path(path) / ADAPTER_CONFIG
     if not f.is_file() or not (Path(path) / ADAPTER_FILE).is_file():
         raise FileNotFoundError(f"{path}: not a LoRA adapter directory (expected {ADAPTER_FILE} and {ADAPTER_CONFIG})")
-    cfg = json.loads(f.read_text())
+    try:
+        cfg = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{f}: expected a JSON object, got {type(cfg).__name__}")
     missing = {"rank", "alpha", "targets"} - set(cfg)
     if missing:
         raise ValueError(f"{f}: missing {sorted(missing)}")
+    from ..config_checks import NUMBER, POS_INT, STR_LIST, check_fields
+
+    check_fields(cfg, {"rank": POS_INT, "alpha": NUMBER, "targets": STR_LIST}, str(f))
     return cfg
 
 
@@ -106,7 +114,10 @@ def read_adapter_config(path: str | Path) -> dict:
 def load_adapter_into(model: nn.Module, path: str | Path) -> None:
     """Copy saved adapter weights into a model that already has adapters of the same shape."""
     f = Path(path) / ADAPTER_FILE
-    state = load_file(str(f))
+    try:
+        state = load_file(str(f))
+    except Exception as e:  # safetensors raises its own error types (SafetensorError, ...) for a bad file
+        raise ValueError(f"{f}: not a readable safetensors file ({e})") from None
     for key, lora in _adapters(model):
         for part in ("lora_A", "lora_B"):
             t = state.get(f"{key}.{part}")
