@@ -352,22 +352,34 @@ class Step:
     def commit(self, rows: Sequence[int], caches: list[LayerCache]) -> None:
         """Copy the positions the forward wrote into `caches` back into the planned blocks."""
         kv, bs = self.kv, self.kv.block_size
-        for b, r in enumerate(rows):
-            p = self.plans[r]
-            s = kv.seqs[p.seq]
-            end = p.pos + p.n
-            for i, cache in enumerate(caches):
+        plans = [self.plans[r] for r in rows]
+        dev = kv.k_NKBD.device
+        for i, cache in enumerate(caches):
+            if all(p.n == 1 for p in plans):  # decode rows: one scattered write per layer
+                slots = [p.pos - p.dst[i][0] for p in plans]
+                blk_B = torch.tensor([p.dst[i][1][sl // bs] for p, sl in zip(plans, slots)], device=dev)
+                off_B = torch.tensor([sl % bs for sl in slots], device=dev)
+                slot_B, rows_B = torch.tensor(slots, device=dev), torch.arange(len(plans), device=dev)
+                kv.k_NKBD[blk_B, :, off_B] = cache.k_BKSD[rows_B, :, slot_B]
+                kv.v_NKBD[blk_B, :, off_B] = cache.v_BKSD[rows_B, :, slot_B]
+                continue
+            for b, p in enumerate(plans):
                 start, table = p.dst[i]
-                assert int(cache.start_B[b]) == start and int(cache.start_B[b] + cache.length_B[b]) == end, \
-                    (i, start, end, cache.start_B[b], cache.length_B[b])
+                end = p.pos + p.n
                 first = max(p.pos, start) - start
                 j0, j1 = first // bs, math.ceil((end - start) / bs)
-                blocks = torch.tensor(table[j0:j1], device=kv.k_NKBD.device)
+                blocks = torch.tensor(table[j0:j1], device=dev)
                 for pool, src in ((kv.k_NKBD, cache.k_BKSD), (kv.v_NKBD, cache.v_BKSD)):
                     pool[blocks] = src[b, :, j0 * bs:j1 * bs].reshape(kv.n_kv, j1 - j0, bs, kv.head_dim).transpose(0, 1)
+        for b, p in enumerate(plans):
+            s = kv.seqs[p.seq]
+            for i, cache in enumerate(caches):
+                start, table = p.dst[i]
+                assert int(cache.start_B[b]) == start and int(cache.start_B[b] + cache.length_B[b]) == p.pos + p.n, \
+                    (i, start, p.pos + p.n, cache.start_B[b], cache.length_B[b])
                 kv._release([x for x in s.tables[i] if x not in table])  # an old chunk's blocks
                 s.tables[i], s.starts[i] = table, start
-            s.length = end
+            s.length = p.pos + p.n
             kv._name_full_blocks(s)
 
     def abandon(self) -> None:
