@@ -56,7 +56,11 @@ def test_mm_equals_dequantized_matmul(scheme, dtype, M):
     m = QuantMatrices(2, N, K, scheme)
     m.set(1, q, s)
     x = torch.randn(M, K).to(dtype)
-    ref = x.double() @ dequantize_weight(q, s).double().t()
+    xr = x.double()
+    if scheme.name == "fp8":  # W8A8: activations rounded to fp8 per token (max -> 448)
+        xs = x.float().abs().amax(-1, keepdim=True) / 448
+        xr = ((x.float() / xs).to(torch.float8_e4m3fn).float() * xs).double()
+    ref = xr @ dequantize_weight(q, s).double().t()
     got = m.mm(1, x)
     assert got.dtype == dtype and got.shape == (M, N)
     # bf16 activations / outputs: relative rounding of a K-term sum of bf16 products
@@ -115,14 +119,12 @@ def test_quantized_experts_equal_dequantized_reference(scheme, E, k, T):
     with torch.no_grad():
         want = moe_dense_reference(ref, x)  # every expert on every token, float weights
         got = moe(x)
-        if scheme.name == "fp8":  # fp32 activations stay fp32 (dequantize + matmul)
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-        else:  # the int kernels take bf16 activations
-            assert (got - want).abs().max() <= 2e-2 * want.abs().max()
+        # The int kernels take bf16 activations, fp8 rounds them to fp8 per token (W8A8)
+        assert (got - want).abs().max() <= (5e-2 if scheme.name == "fp8" else 2e-2) * want.abs().max()
         # bf16: against the reference also in bf16, so that both route near-ties the same way
         want_b = moe_dense_reference(ref.to(torch.bfloat16), x.bfloat16()).float()
         got_b = moe.to(torch.bfloat16)(x.bfloat16()).float()
-        assert (got_b - want_b).abs().max() <= 3e-2 * want_b.abs().max()
+        assert (got_b - want_b).abs().max() <= (6e-2 if scheme.name == "fp8" else 3e-2) * want_b.abs().max()
 
 
 def test_quantized_experts_no_routed_rows():

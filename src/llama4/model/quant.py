@@ -11,9 +11,10 @@ Kernels measured on this project's CPU (figures in docs/quantization.md):
 - int4: `torch._weight_int4pack_mm_for_cpu` on weights packed once by
   `torch._convert_weight_to_int4pack_for_cpu` (needs N % 16 == 0); a nibble layout with dequantize
   + matmul where that packing is impossible or off the CPU.
-- fp8: no CPU kernel beats dequantize + matmul (`torch._scaled_mm` on CPU is slower still), and
-  fp8 -> bf16 conversion by bit shifts is 3x faster than `.to()`. On CUDA, `torch._scaled_mm` with
-  dynamic per-token activation scales (unverified here: no GPU).
+- fp8: W8A8 with dynamic per-token activation scales (the scheme of the official FP8 checkpoints).
+  On CUDA `torch._scaled_mm` (unverified here: no GPU). On CPU no kernel beats dequantize + matmul
+  (`torch._scaled_mm` on CPU is slower still): activations are rounded to fp8 per token and the
+  weights converted by bit shifts, 3x faster than `.to()`.
 fp32 activations go through the bf16 kernels (the int kernels are 10-40x slower with fp32 inputs).
 
 Shape legend: M rows of activations, N output features, K input features, G groups per row (K / g),
@@ -133,6 +134,7 @@ class QuantMatrices(nn.Module):
     def __init__(self, E: int, N: int, K: int, scheme: QuantScheme, device: torch.device | str | None = None):
         super().__init__()
         self.E, self.N, self.K, self.scheme = E, N, K, scheme
+        self.act_scale_ub: float | None = None  # fp8 only: see fp8_per_token
         device = torch.device(device or "cpu")
         kw = {"device": device}
         if scheme.name == "int4":
@@ -213,18 +215,33 @@ class QuantMatrices(nn.Module):
             if x_MK.device.type != "cpu":
                 raise ValueError("int4 weights were packed for the CPU kernel; quantize again on the target device")
             return self._int4_kernel(e, x_MK.to(torch.bfloat16).contiguous()).to(dt)
-        if name == "fp8" and x_MK.is_cuda and torch.cuda.get_device_capability(x_MK.device) >= (8, 9):
-            return _fp8_scaled_mm(x_MK, self.q[e], self.scale[e])
+        if name == "fp8":
+            if x_MK.is_cuda and torch.cuda.get_device_capability(x_MK.device) >= (8, 9):
+                return _fp8_scaled_mm(x_MK, self.q[e], self.scale[e], self.act_scale_ub)
+            # The same W8A8 arithmetic as the CUDA kernel and the checkpoint's declared scheme:
+            # activations rounded to fp8 per token, then a matmul of the dequantized operands.
+            xq, x_scale_M1 = fp8_per_token(x_MK, self.act_scale_ub)
+            return (xq.to(dt) * x_scale_M1.to(dt)) @ self.dequantize(e, dt).t()
         return x_MK @ self.dequantize(e, dt).t()
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
 
-def _fp8_scaled_mm(x_MK: torch.Tensor, q_NK: torch.Tensor, scale_N: torch.Tensor) -> torch.Tensor:
+def fp8_per_token(x_MK: torch.Tensor, scale_ub: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token fp8 activations: (x_q [M, K] fp8, scale [M, 1] fp32). `scale_ub` caps a
+    row's absolute max before scaling (fbgemm's activation_scale_ub: 1200 in Meta's recipe)."""
+    amax = x_MK.abs().amax(-1, keepdim=True).float()
+    if scale_ub is not None:
+        amax = amax.clamp(max=scale_ub)
+    x_scale_M1 = (amax / FP8_MAX).clamp(min=1e-12)
+    return (x_MK.float() / x_scale_M1).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), x_scale_M1
+
+
+def _fp8_scaled_mm(x_MK: torch.Tensor, q_NK: torch.Tensor, scale_N: torch.Tensor,
+                   scale_ub: float | None) -> torch.Tensor:
     """W8A8 on CUDA: per-token dynamic activation scales, per-channel weight scales (unverified here)."""
-    x_scale_M1 = (x_MK.abs().amax(-1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)
-    xq = (x_MK.float() / x_scale_M1).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    xq, x_scale_M1 = fp8_per_token(x_MK, scale_ub)
     return torch._scaled_mm(xq, q_NK.t(), scale_a=x_scale_M1, scale_b=scale_N.float()[None, :].contiguous(),
                             out_dtype=x_MK.dtype)
 
