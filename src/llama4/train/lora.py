@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..model.attention import Attention
-from ..model.moe import Experts
+from ..model.experts import Experts
 
 ADAPTER_FILE, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 
@@ -47,7 +47,7 @@ def _targets(model: nn.Module, targets: list[str]) -> list[tuple[str, nn.Module,
         if "attention" in targets and isinstance(mod, Attention):
             out += [(f"{name}.{p}", getattr(mod, p), "weight") for p in ("wq", "wk", "wv", "wo")]
         if "experts" in targets and isinstance(mod, Experts):
-            out += [(name, mod, "w_gate_up_EDF2"), (name, mod, "w_down_EFD")]
+            out += [(name, mod, "gate_up_proj"), (name, mod, "down_proj")]
     return out
 
 
