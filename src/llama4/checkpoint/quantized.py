@@ -72,11 +72,8 @@ def prepare_quantized(model: Llama4, quantize: str | QuantScheme, only: str, dev
         if isinstance(new, QuantLinear):
             sinks[f"{name}.weight"] = _linear_sink(model, name)
         else:
-            params = dict(mod.named_parameters())
-            gate_up = "gate_up_proj" if "gate_up_proj" in params else "w_gate_up_EDF2"
-            down = "down_proj" if "down_proj" in params else "w_down_EFD"
-            sinks[f"{name}.{gate_up}"] = _experts_sink(model, name, "gate_up")
-            sinks[f"{name}.{down}"] = _experts_sink(model, name, "down")
+            sinks[f"{name}.gate_up_proj"] = _experts_sink(model, name, "gate_up")
+            sinks[f"{name}.down_proj"] = _experts_sink(model, name, "down")
     model.quantization = {"scheme": str(scheme), "only": only}
     return sinks
 
@@ -226,7 +223,7 @@ def load_published(root: Path, qcfg: dict, *, dtype=None, device="cpu") -> Llama
         if not hasattr(layer.feed_forward, "experts"):
             continue
         ours = f"layers.{i}.feed_forward.experts"
-        hf_gate_up = keymap.to_hf(_param_name(layer.feed_forward.experts, ours, "gate_up"))
+        hf_gate_up = keymap.to_hf(f"{ours}.gate_up_proj")
         hf_module = hf_gate_up.rsplit(".", 1)[0]
         gate_up, down = expert_weights(layer.feed_forward.experts)
         E, D, F2 = gate_up.shape
@@ -252,7 +249,7 @@ def load_published(root: Path, qcfg: dict, *, dtype=None, device="cpu") -> Llama
                 fill.append(_fill_split_experts_float(model, ours, per, sch, tensor, E, D, F2 // 2))
         elif f"{hf_gate_up}_scale" in located:  # fbgemm_fp8: fused F8 experts with per-column scales
             sch = scheme_for(hf_module)
-            hf_down = keymap.to_hf(_param_name(layer.feed_forward.experts, ours, "down"))
+            hf_down = keymap.to_hf(f"{ours}.down_proj")
             used.update({hf_gate_up, f"{hf_gate_up}_scale", hf_down, f"{hf_down}_scale"})
             replace_module(model, ours, QuantExperts(E, D, F2 // 2, QuantScheme("fp8"), "meta"))
             fill.append(_fill_fused_fp8_experts(model, ours, hf_gate_up, hf_down, tensor, scale_ub))
@@ -307,13 +304,6 @@ def load_published(root: Path, qcfg: dict, *, dtype=None, device="cpu") -> Llama
     model.reset_buffers()
     model.quantization = {"scheme": method, "only": "checkpoint"}
     return model.eval()
-
-
-def _param_name(experts: nn.Module, prefix: str, which: str) -> str:
-    names = dict(experts.named_parameters())
-    if which == "gate_up":
-        return f"{prefix}.{'gate_up_proj' if 'gate_up_proj' in names else 'w_gate_up_EDF2'}"
-    return f"{prefix}.{'down_proj' if 'down_proj' in names else 'w_down_EFD'}"
 
 
 def _local(keys: dict[str, str], tensor) -> dict[str, torch.Tensor]:

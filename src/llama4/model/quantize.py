@@ -19,12 +19,7 @@ ONLY = ("experts", "all")
 
 def expert_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """(gate_up [E, D, 2F], down [E, F, D]) of a float Experts module."""
-    params = dict(experts.named_parameters())
-    gate_up = params.get("gate_up_proj", params.get("w_gate_up_EDF2"))
-    down = params.get("down_proj", params.get("w_down_EFD"))
-    if gate_up is None or down is None:
-        raise ValueError(f"{type(experts).__name__}: expected gate_up_proj / down_proj parameters")
-    return gate_up, down
+    return experts.gate_up_proj, experts.down_proj
 
 
 def quantized_targets(model: nn.Module, only: str = "experts") -> dict[str, nn.Module]:
