@@ -82,7 +82,7 @@ def test_transformers_loads_our_multimodal_save(mm_ckpt, tmp_path):
 
 def test_key_map_both_directions():
     km = KeyMap(multimodal=True)
-    assert km.to_hf("layers.7.feed_forward.experts.w_gate_up_EDF2") == \
+    assert km.to_hf("layers.7.feed_forward.experts.gate_up_proj") == \
         "language_model.model.layers.7.feed_forward.experts.gate_up_proj"
     assert km.from_hf("vision_model.model.layers.3.mlp.fc2.bias") == "vision.layers.3.fc2.bias"
     assert km.from_hf("language_model.model.layers.x.self_attn.q_proj.weight") is None

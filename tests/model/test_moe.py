@@ -43,8 +43,8 @@ def test_score_scales_input_not_output():
     x_ND = x.reshape(-1, 32)
     idx, scores, _ = moe.route(x_ND)
     e = int(idx[0, 0])
-    gate, up = (x_ND[:1] * scores[0, 0] @ moe.experts.w_gate_up_EDF2[e]).chunk(2, -1)
-    expected = moe.shared_expert(x_ND[:1]) + (torch.nn.functional.silu(gate) * up) @ moe.experts.w_down_EFD[e]
+    gate, up = (x_ND[:1] * scores[0, 0] @ moe.experts.gate_up_proj[e]).chunk(2, -1)
+    expected = moe.shared_expert(x_ND[:1]) + (torch.nn.functional.silu(gate) * up) @ moe.experts.down_proj[e]
     torch.testing.assert_close(moe(x)[0, :1], expected, rtol=1e-5, atol=1e-5)
 
 

@@ -16,44 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TextConfig
+from .experts import Experts
 from .layers import SwiGLU
-
-
-class Experts(nn.Module):
-    """E SwiGLU experts stored as the HF checkpoint stores them: gate|up fused on the last dim."""
-
-    def __init__(self, n_experts: int, dim: int, hidden: int):
-        super().__init__()
-        self.w_gate_up_EDF2 = nn.Parameter(torch.empty(n_experts, dim, 2 * hidden))
-        self.w_down_EFD = nn.Parameter(torch.empty(n_experts, hidden, dim))
-
-    def forward(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """`x_RD` is sorted by expert; expert e owns the next `counts_E[e]` rows."""
-        if _grouped_mm_ok(x_RD):
-            offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
-            h_RF2 = torch._grouped_mm(x_RD, self.w_gate_up_EDF2, offs=offs)
-            gate, up = h_RF2.chunk(2, dim=-1)
-            return torch._grouped_mm(F.silu(gate) * up, self.w_down_EFD, offs=offs)
-        # Two matmuls per expert that has tokens; the activation runs once over all rows in between,
-        # since each kernel call costs a parallel region (hundreds of them at E = 128).
-        sizes = counts_E.tolist()
-        used = [e for e, n in enumerate(sizes) if n]
-        if not used:
-            return torch.empty_like(x_RD)
-        x_per_expert = x_RD.split(sizes)
-        # unbind, not w[e]: in backward each w[e] would add a zero-filled gradient the size of all E
-        # experts; unbind's backward stacks the E gradients once.
-        w_gate_up, w_down = self.w_gate_up_EDF2.unbind(0), self.w_down_EFD.unbind(0)
-        h_RF2 = torch.cat([x_per_expert[e] @ w_gate_up[e] for e in used])
-        gate, up = h_RF2.chunk(2, dim=-1)
-        a_per_expert = (F.silu(gate) * up).split([sizes[e] for e in used])
-        return torch.cat([a @ w_down[e] for a, e in zip(a_per_expert, used)])
-
-
-def _grouped_mm_ok(x: torch.Tensor) -> bool:
-    # One kernel for all experts where the device has it (Hopper+ CUDA, bf16); the loop elsewhere.
-    return (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
-            and torch.cuda.get_device_capability(x.device)[0] >= 9)
 
 
 class MoE(nn.Module):
@@ -105,6 +69,6 @@ def moe_dense_reference(moe: MoE, x_BTD: torch.Tensor) -> torch.Tensor:
     scores_NE = torch.zeros(x_ND.shape[0], moe.n_experts, dtype=x_ND.dtype, device=x_ND.device)
     scores_NE.scatter_(1, idx_Nk, scores_Nk)
     in_END = x_ND.unsqueeze(0) * scores_NE.t().unsqueeze(-1)
-    gate, up = torch.bmm(in_END, moe.experts.w_gate_up_EDF2).chunk(2, dim=-1)
-    routed_ND = torch.bmm(F.silu(gate) * up, moe.experts.w_down_EFD).sum(0)
+    gate, up = torch.bmm(in_END, moe.experts.gate_up_proj).chunk(2, dim=-1)
+    routed_ND = torch.bmm(F.silu(gate) * up, moe.experts.down_proj).sum(0)
     return (moe.shared_expert(x_ND) + routed_ND).view(x_BTD.shape)

@@ -23,7 +23,7 @@ from ..checkpoint.atomic import FileData, write_checkpoint
 from ..checkpoint.hf import BIAS_FILE, apply_expert_bias, read_expert_bias
 from ..checkpoint.safetensors_io import write_safetensors
 from ..model.attention import Attention
-from ..model.moe import Experts
+from ..model.experts import Experts
 
 ADAPTER_FILE, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 
@@ -49,7 +49,7 @@ def _targets(model: nn.Module, targets: list[str]) -> list[tuple[str, nn.Module,
         if "attention" in targets and isinstance(mod, Attention):
             out += [(f"{name}.{p}", getattr(mod, p), "weight") for p in ("wq", "wk", "wv", "wo")]
         if "experts" in targets and isinstance(mod, Experts):
-            out += [(name, mod, "w_gate_up_EDF2"), (name, mod, "w_down_EFD")]
+            out += [(name, mod, "gate_up_proj"), (name, mod, "down_proj")]
     return out
 
 
