@@ -17,6 +17,7 @@ from torch import nn
 
 from ..config import TextConfig
 from ..kv.contiguous import LayerCache
+from .init import init_linear
 from .layers import apply_rope, l2_norm
 
 
@@ -34,6 +35,10 @@ class Attention(nn.Module):
         self.qk_norm_eps = cfg.rms_norm_eps if (cfg.use_qk_norm and self.use_rope) else None
         self.temperature = (cfg.floor_scale, cfg.attn_scale) if (cfg.attn_temperature_tuning and not self.use_rope) \
             else None
+
+    def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:
+        for w in (self.wq, self.wk, self.wv, self.wo):
+            init_linear(w, std, generator)
 
     def forward(self, x_BTD: torch.Tensor, pos_T: torch.Tensor, freqs_TF: torch.Tensor | None,
                 cache: LayerCache | None = None, mask_B1TT: torch.Tensor | None = None) -> torch.Tensor:

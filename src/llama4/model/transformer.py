@@ -14,6 +14,7 @@ from torch import nn
 from ..config import Llama4Config, TextConfig
 from .attention import Attention, document_mask
 from ..kv.contiguous import LayerCache
+from .init import normal_
 from .layers import RMSNorm, SwiGLU, rope_freqs, rope_inv_freq
 from .moe import MoE
 
@@ -26,9 +27,18 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.feed_forward = MoE(cfg) if cfg.is_moe(layer) else SwiGLU(cfg.hidden_size, cfg.intermediate_size_mlp)
 
-    def forward(self, x_BTD, pos_T, freqs_TF, cache: LayerCache | None = None, mask_B1TT=None):
+    def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:
+        self.attention_norm.init_weights()
+        self.attention.init_weights(std, generator)
+        self.ffn_norm.init_weights()
+        self.feed_forward.init_weights(std, generator)
+
+    def forward(self, x_BTD, pos_T, freqs_TF, cache: LayerCache | None = None, mask_B1TT=None, token_mask_BT=None):
         h_BTD = x_BTD + self.attention(self.attention_norm(x_BTD), pos_T, freqs_TF, cache, mask_B1TT)
-        return h_BTD + self.feed_forward(self.ffn_norm(h_BTD))
+        ffn_in_BTD = self.ffn_norm(h_BTD)
+        if isinstance(self.feed_forward, MoE):
+            return h_BTD + self.feed_forward(ffn_in_BTD, token_mask_BT)
+        return h_BTD + self.feed_forward(ffn_in_BTD)
 
 
 class Llama4(nn.Module):
@@ -56,30 +66,33 @@ class Llama4(nn.Module):
     # Weights --------------------------------------------------------------------------------------
     @torch.no_grad()
     def init_weights(self, std: float | None = None, seed: int | None = None) -> "Llama4":
-        """Random init (normal(0, std) matrices, unit norms). Kept out of __init__ so the model can be
-        built on the meta device and filled from a checkpoint instead."""
+        """Random init: normal(0, std) matrices, unit norms, zero biases and routing state. Kept out of
+        __init__ so the model can be built on the meta device and filled from a checkpoint instead.
+
+        Each module initialises its own parameters (`init_weights` on it); meta tensors are skipped
+        and a sharded (DTensor) parameter draws only its local shard's numbers (`model/init.py`).
+        """
         std = self.config.text.initializer_range if std is None else std
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        for name, p in self.named_parameters():
-            if p.is_meta:
-                continue
-            if name.endswith(("norm.weight", "layernorm_pre.weight", "layernorm_post.weight")) or \
-                    (p.ndim == 1 and "norm" in name and name.endswith("weight")):
-                p.fill_(1.0)
-            elif p.ndim == 1 and name.endswith("bias"):
-                p.zero_()
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
+        normal_(self.tok_embeddings.weight, std, gen)
+        for layer in self.layers:
+            layer.init_weights(std, gen)
+        self.norm.init_weights()
+        if self.output.weight is not self.tok_embeddings.weight:
+            normal_(self.output.weight, std, gen)
+        if self.vision is not None:
+            self.vision.init_weights(std, gen)
         self.reset_buffers()
         return self
 
     def reset_buffers(self) -> None:
-        """Recompute non-persistent buffers (needed after building on the meta device)."""
+        """Recompute non-persistent buffers and zero the routing state (after building on the meta
+        device, or before a checkpoint that may not carry the routing bias is applied)."""
         t = self.config.text
         self.inv_freq = rope_inv_freq(t.head_dim, t.rope_theta, t.rope_scaling).to(self.output.weight.device)
         for m in self.modules():
             if isinstance(m, MoE):
-                m.expert_bias_E = torch.zeros(m.n_experts, device=self.output.weight.device)
+                m.reset_buffers()
 
     # Forward --------------------------------------------------------------------------------------
     def embed(self, input_ids_BT: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
@@ -105,19 +118,20 @@ class Llama4(nn.Module):
             raise ValueError(f"image features do not match <|patch|> slots: input_ids hold {n_slots} slots "
                              f"(token id {self.config.image_token_index}; per row {slots_BT.sum(1).tolist()}) "
                              f"but pixel_values has {n_tiles} tiles x {per_tile} tokens = {n_tiles * per_tile}")
-        feats_ND = self.vision(pixel_values).reshape(-1, x_BTD.shape[-1])
-        return x_BTD.masked_scatter(slots_BT.unsqueeze(-1), feats_ND.to(x_BTD.dtype))
+        feats_NPD = self.vision(pixel_values)  # masked_scatter reads it in order, tile by tile
+        return x_BTD.masked_scatter(slots_BT.unsqueeze(-1), feats_NPD.to(x_BTD.dtype))
 
     def forward(self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None, *,
                 embeds: torch.Tensor | None = None, start_pos: int | torch.Tensor = 0,
                 cache: list[LayerCache] | None = None, return_hidden: bool = False,
-                doc_pos: torch.Tensor | None = None) -> torch.Tensor:
+                doc_pos: torch.Tensor | None = None, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, V] for tokens at absolute positions [start_pos, start_pos + T).
 
         `cache` (from `make_cache`) is read and extended in place; without it the call sees only
         these T tokens. `return_hidden` skips the vocabulary projection (for chunked losses).
         `doc_pos` [B, T] packs several documents per row (training, no cache): each token's position
         inside its own document, 0 where one starts; every document then runs as if it were alone.
+        `token_mask` [B, T] (True for real tokens) keeps padding out of the MoE's expert load counts.
         """
         x_BTD = self.embed(input_ids, pixel_values) if embeds is None else embeds
         T = x_BTD.shape[1]
@@ -130,7 +144,7 @@ class Llama4(nn.Module):
         freqs_TF = rope_freqs(pos_T, self.inv_freq)
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache[i]
-            x_BTD = layer(x_BTD, pos_T, freqs_TF, layer_cache, masks.get(layer.attention.chunk))
+            x_BTD = layer(x_BTD, pos_T, freqs_TF, layer_cache, masks.get(layer.attention.chunk), token_mask)
         h_BTD = self.norm(x_BTD)
         return h_BTD if return_hidden else self.output(h_BTD)
 
