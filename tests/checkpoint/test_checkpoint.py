@@ -107,12 +107,13 @@ def test_save_keeps_existing_checkpoint_on_failure(text_ckpt, tmp_path, monkeypa
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ck, "save_file", boom)
+    monkeypatch.setattr(ck, "write_safetensors", boom)
     with pytest.raises(OSError, match="disk full"):
         llama4.save(model, target)
     after = tensors(target)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".keep")]  # no temp dirs left
+    assert sorted(p.name for p in target.iterdir() if p.name.startswith(".")) == [".llama4-save.json"]
     monkeypatch.undo()
     llama4.save(model, target)  # a successful re-save keeps side files it does not write
     assert (target / "tokenizer.json").exists()

@@ -15,6 +15,7 @@ import torch
 import llama4
 from llama4.cli import main
 from llama4.train import Trainer, checkpoints, config_from_dict, latest_checkpoint, run
+from llama4.train.checkpointing import load_train_state
 
 from test_train_parts import corpus_text, tok  # noqa: F401  (fixtures)
 
@@ -63,7 +64,7 @@ def test_loss_falls_on_real_text_and_checkpoint_is_hf(tok, tmp_path):
     ids = torch.randint(0, 300, (1, 16))
     with torch.no_grad():
         torch.testing.assert_close(hf(input_ids=ids).logits, model(ids), rtol=1e-4, atol=1e-4)
-    state = torch.load(ckpt / "train_state.pt", weights_only=False)
+    state, _ = load_train_state(ckpt)
     assert state["step"] == 12 and state["data"]["row"] > 0
 
 
@@ -84,16 +85,13 @@ def test_resume_continues_exactly(tok, tmp_path):
 KILL_SCRIPT = """
 import os, signal, sys, json
 import torch
+from llama4.checkpoint import atomic
 from llama4.train import run
 torch.set_num_threads(1)
-calls = []
-real = torch.save
-def dying_save(*a, **k):  # the second checkpoint dies halfway: weights written, training state not renamed
-    calls.append(1)
-    real(*a, **k)
-    if len(calls) == 2:
+def die(op, path):  # the second checkpoint dies halfway: after the first step of its save
+    if path.parent.name.startswith(".step_0000004"):
         os.kill(os.getpid(), signal.SIGKILL)
-torch.save = dying_save
+atomic.rename_hook = die
 run(json.loads(sys.argv[1]))
 """
 
@@ -105,7 +103,7 @@ def test_kill_during_save_keeps_previous_checkpoint(tok, tmp_path):
     assert proc.returncode == -9, proc.stderr[-2000:]
     out = tmp_path / "run"
     assert [p.name for p in checkpoints(out)] == ["step_0000002"]
-    assert any(p.name.startswith(".step_0000004") for p in (out / "checkpoints").iterdir())  # the torn save
+    assert any(p.name.startswith(".step_0000004.llama4-saving-") for p in (out / "checkpoints").iterdir())
     llama4.load(checkpoints(out)[0])  # intact
     run(cfg, resume=True)
     assert [p.name for p in checkpoints(out)] == ["step_0000004"]

@@ -1,7 +1,7 @@
 """Small building blocks shared by the text decoder: norms, SwiGLU, RoPE.
 
-Shape legend: B batch, T tokens, D model dim, F FFN hidden, H heads, Dh head dim, R = Dh/2 rotary
-frequencies.
+Shape legend: B batch, T tokens, D model dim, F FFN hidden, H query heads, Dh head dim,
+A rotation angles per head (Dh/2), each a (cos, sin) pair.
 """
 
 from __future__ import annotations
@@ -79,16 +79,22 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
 
 
 def rope_freqs(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Complex rotations e^{i p f} for absolute `positions` [..., T] -> [..., T, R] (complex64)."""
+    """Rotations for absolute `positions` [..., T] -> [..., T, A, 2] holding (cos, sin) of p * f.
+
+    Real, not complex: the same numbers as Meta's `polar`, but every backend (torch.compile included)
+    handles real tensors."""
     angles = positions[..., None].float() * inv_freq.to(positions.device)
-    return torch.polar(torch.ones_like(angles), angles)
+    return torch.stack((torch.cos(angles), torch.sin(angles)), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, freqs_TR: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x0, x1), (x2, x3), ... of `x` [B, T, H, Dh] as complex numbers (Meta's
-    layout).
+def apply_rope(x_BTHD: torch.Tensor, rot_BTA2: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... by the angles in `rot` (Meta's layout).
 
-    `freqs_TR` is [T, R] or [B, T, R] (complex); the head dim is broadcast.
-    """
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(xc * freqs_TR.unsqueeze(-2)).flatten(-2).type_as(x)
+    `rot` is [T, A, 2] or [B, T, A, 2] (cos, sin), or the equivalent complex [.., T, A];
+    the head dim is broadcast."""
+    if rot_BTA2.is_complex():
+        rot_BTA2 = torch.view_as_real(rot_BTA2)
+    x = x_BTHD.float().reshape(*x_BTHD.shape[:-1], -1, 2)
+    x0, x1 = x[..., 0], x[..., 1]
+    cos, sin = rot_BTA2[..., 0].unsqueeze(-2), rot_BTA2[..., 1].unsqueeze(-2)
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x_BTHD)
