@@ -27,11 +27,8 @@ def _ids(n, seed=0):
 
 def _feed(model, kv, seq, ids, pos):
     """Run `ids` at `pos` through the paged store; logits [T, V]."""
-    step = kv.plan([(seq, len(ids))])
-    caches = step.layer_caches([0])
-    logits = model(torch.tensor([ids]), start_pos=pos, cache=caches)[0]
-    step.commit([0], caches)
-    return logits
+    assert kv.length(seq) == pos
+    return model(torch.tensor([ids]), cache=kv, step=kv.plan([(seq, len(ids))]))[0]
 
 
 @torch.inference_mode()
@@ -40,7 +37,7 @@ def test_paged_equals_contiguous_across_chunk_boundaries(model):
     ids = _ids(5 * C + 11)
     kv = PagedKV(cfg, 200, block_size=BS)
     seq = kv.add(ids)
-    ref_cache = make_cache(cfg, 1, len(ids))
+    ref_cache = make_cache(cfg, 1, len(ids))  # the contiguous store
     # Prefill slices that start and end off chunk boundaries, then single decode tokens across two boundaries.
     cuts = [0, 20, 20 + C + 5, 3 * C + 1, 4 * C - 3]
     cuts += list(range(cuts[-1] + 1, len(ids) + 1))
@@ -49,7 +46,7 @@ def test_paged_equals_contiguous_across_chunk_boundaries(model):
     assert chunked and glob
     for a, b in zip(cuts, cuts[1:]):
         got = _feed(model, kv, seq, ids[a:b], a)
-        want = model(torch.tensor([ids[a:b]]), start_pos=a, cache=ref_cache)[0]
+        want = model(torch.tensor([ids[a:b]]), cache=ref_cache)[0]
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         held = kv.held(seq)
         for i in chunked:  # only the current chunk: positions [chunk start of b-1, b)

@@ -14,7 +14,8 @@ from typing import TextIO
 import torch
 
 from .common import load_model_and_tokenizer
-from ..generation.engine import DEFAULT_PREFILL_CHUNK, ChatSession, generate_stream
+from ..generation.engine import DEFAULT_PREFILL_CHUNK, generate_stream
+from ..generation.session import ChatSession
 
 
 def _sampling(args: argparse.Namespace, tokenizer) -> dict:

@@ -7,8 +7,8 @@ Each `Scheduler.step()`:
    prefix of their prompt;
 3. runs one step: one decode token for every running request whose prompt is done, plus a slice of
    at most `prefill_chunk` tokens of one unfinished prompt (chunked prefill: a long prompt never
-   stalls the others for more than one slice). Decode rows run as one batch, each row at its own
-   position; the prefill slice runs on its own;
+   stalls the others for more than one slice), all in one forward (a mixed batch, `kv.base.Step`),
+   each sequence at its own positions, straight on the paged blocks;
 4. samples each request's next token with its own parameters and its own `torch.Generator`, so a
    seeded request gives the same tokens whoever shares its batch, and retires finished requests.
 
@@ -116,16 +116,20 @@ class Scheduler:
             raise ValueError(f"prompt ({len(req.prompt)} tokens) + max_tokens ({req.max_tokens}) needs up to {need} "
                              f"KV blocks but the pool has {self.kv.num_blocks} (lower max_tokens or raise --kv-memory)")
 
-    def add(self, req: Request) -> Request:
-        """Queue `req` (checked first); thread-safety is the caller's (see serve.engine)."""
+    def prepare(self, req: Request) -> Request:
+        """Check `req` and reset its state, without queueing it (safe from another thread)."""
         self.check(req)
         req.id = next(self.ids)
-        req.tokens = list(req.prompt)
-        req.t_arrival = req.t_arrival or time.perf_counter()
+        req.tokens, req.generated, req.computed = list(req.prompt), [], 0
+        req.t_arrival = time.perf_counter()
         if req.seed is not None or not req.params.greedy:
             req.generator = torch.Generator(device=self.device)
             req.generator.manual_seed(req.seed if req.seed is not None else torch.seed())
-        self.waiting.append(req)
+        return req
+
+    def add(self, req: Request) -> Request:
+        """Queue `req` (checked first); thread-safety is the caller's (see serve.engine)."""
+        self.waiting.append(self.prepare(req))
         return req
 
     def has_work(self) -> bool:
@@ -141,10 +145,12 @@ class Scheduler:
         if req.on_event is not None:
             req.on_event(TokenEvent(None, finish_reason=reason, error=error))
 
-    def cancel_all(self) -> None:
-        for req in list(self.running) + list(self.waiting):
-            self._finish(req, "cancelled")
+    def cancel_all(self, reason: str = "cancelled", error: str | None = None) -> None:
+        """Finish every request now (shutdown, or an error in a step)."""
+        reqs = list(self.running) + list(self.waiting)
         self.waiting.clear()
+        for req in reqs:
+            self._finish(req, reason, error)
 
     # One step ---------------------------------------------------------------------------------------
     def step(self) -> None:
@@ -172,12 +178,8 @@ class Scheduler:
                 if not self.running:
                     return
         self.steps += 1
-        logits = {}
         with torch.inference_mode():
-            if decode:
-                logits.update(self._run_decode(plan, decode))
-            if prefill is not None:
-                logits.update(self._run_prefill(plan, len(decode), prefill, n_pre))
+            logits = self._run(plan, decode, prefill, n_pre)
         for req, logits_V in logits.items():
             self._emit(req, logits_V)
 
@@ -210,36 +212,37 @@ class Scheduler:
         self.running.remove(req)
         self.waiting.appendleft(req)
 
-    def _run_decode(self, plan, decode: list[Request]) -> dict[Request, torch.Tensor]:
-        rows = list(range(len(decode)))
-        caches = plan.layer_caches(rows)
-        tokens_B1 = torch.tensor([[r.tokens[-1]] for r in decode], device=self.device)
-        pos_B = torch.tensor([r.computed for r in decode], device=self.device)
-        logits_BV = self.model(tokens_B1, start_pos=pos_B, cache=caches)[:, -1].float()
-        plan.commit(rows, caches)
+    def _run(self, step, decode: list[Request], prefill: Request | None, n: int) -> dict[Request, torch.Tensor]:
+        """One forward over the decode tokens (one per request) followed by the prefill slice."""
+        ids = [r.tokens[-1] for r in decode]
+        a = b = 0
+        if prefill is not None:
+            a, b = prefill.computed, prefill.computed + n
+            ids += prefill.tokens[a:b]
+        ids_1N = torch.tensor([ids], device=self.device)
+        if prefill is not None and prefill.embeds_TD is not None:
+            # Image features for the prompt part of the slice; plain token embeddings for the rest.
+            x_ND = self.model.tok_embeddings(ids_1N[0])
+            hi = min(b, len(prefill.prompt))
+            if a < hi:
+                x_ND[len(decode):len(decode) + hi - a] = prefill.embeds_TD[a:hi]
+            inputs = dict(embeds=x_ND[None])
+        else:
+            inputs = dict(input_ids=ids_1N)
+        h_1ND = self.model(**inputs, cache=self.kv, step=step, return_hidden=True)
+        last = step.last_G if prefill is None or b == len(prefill.tokens) else step.last_G[:len(decode)]
+        logits_GV = self.model.output(h_1ND[0, last]).float()
+        out = {r: logits_GV[g] for g, r in enumerate(decode)}
         for r in decode:
             r.computed += 1
-        return {r: logits_BV[b] for b, r in enumerate(decode)}
-
-    def _run_prefill(self, plan, row: int, req: Request, n: int) -> dict[Request, torch.Tensor]:
-        caches = plan.layer_caches([row])
-        a, b = req.computed, req.computed + n
-        if req.embeds_TD is not None:  # positions past the prompt (after a preemption) are plain tokens
-            parts = [req.embeds_TD[a:b]]
-            if b > len(req.prompt):
-                ids = torch.tensor(req.tokens[max(a, len(req.prompt)):b], device=self.device)
-                parts.append(self.model.tok_embeddings(ids))
-            inputs = dict(embeds=torch.cat(parts)[None])
-        else:
-            inputs = dict(input_ids=torch.tensor([req.tokens[a:b]], device=self.device))
-        h_1TD = self.model(**inputs, start_pos=a, cache=caches, return_hidden=True)
-        plan.commit([row], caches)
-        req.computed = b
-        if req.prompt_logprobs and a < len(req.prompt):
-            self._prompt_logprobs(req, a, h_1TD[0, :len(req.prompt) - a])
-        if b < len(req.tokens):
-            return {}
-        return {req: self.model.output(h_1TD[0, -1]).float()}
+        if prefill is not None:
+            prefill.computed = b
+            if prefill.prompt_logprobs and a < len(prefill.prompt):
+                h_TD = h_1ND[0, len(decode):len(decode) + min(b, len(prefill.prompt)) - a]
+                self._prompt_logprobs(prefill, a, h_TD)
+            if b == len(prefill.tokens):
+                out[prefill] = logits_GV[-1]
+        return out
 
     def _prompt_logprobs(self, req: Request, a: int, h_TD: torch.Tensor) -> None:
         """Logprob of each prompt token given the ones before it (position a's logits score token a+1)."""

@@ -15,13 +15,16 @@ A new sequence reuses the longest chain of named blocks its prompt shares; a chu
 reuse the blocks of the chunk holding the end of that prefix (it never held older ones), so when those
 are gone the reuse falls back to the start of that chunk, as in `generation.engine.ChatSession`.
 
-A step runs through `LayerCache` views: `Step.layer_caches()` gathers each row's visible blocks into
-contiguous per-row caches that the model's cached attention reads and extends, and `Step.commit()`
-copies the new positions back into their blocks. Planning a step allocates every block it needs up
-front, so a full pool is reported (`KVFull`) before anything runs and the caller can preempt.
+The store implements `kv.base.KVStore`, so `model(ids_1N, cache=kv, step=kv.plan(...))` runs a mixed
+batch straight on the blocks: `plan` reserves every block the step needs (so a full pool is reported
+as `KVFull` before anything runs, and the caller can preempt) and precomputes, per layer, the block
+and offset of every new key and the padded block table of every decode row; `write_tokens`,
+`write_block`, `prefix` and `gather` then only index the pool. A chunked layer that moves to a new
+chunk keeps its old chunk's blocks until the step has run (its first prefill piece still reads them);
+they return to the pool when the next step is planned. Blocks that became full are named then too.
 
-Shape legend: N blocks in the pool, K kv heads, Bs block size, Dh head dim, B rows of a step,
-S positions in a gathered view.
+Shape legend: N blocks in the pool, K kv heads, Bs block size, Dh head dim, B decode rows, G rows
+of a prefill group, L tokens each, P prefix positions, M keys written, S slots of a gathered row.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import numpy as np
 import torch
 
 from ..config import TextConfig
-from .contiguous import LayerCache
+from .base import PrefillGroup, Step
 
 
 class KVFull(RuntimeError):
@@ -88,6 +91,10 @@ class PagedKV:
         self.seqs: dict[int, _SeqState] = {}
         self.next_id = 0
         self.prefix_queries = self.prefix_hits = 0  # prompt tokens looked up / found
+        self.touched: list[int] = []  # sequences of the last planned step
+        self.pending: list[int] = []  # blocks to release once that step has run (old chunks)
+        self.decode = None  # (decode rows, per-layer indices) of the last planned step
+        self.groups: dict[int, tuple] = {}  # id(rows_G) -> (plans, per-layer write indices)
 
     @staticmethod
     def block_bytes(cfg: TextConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -125,6 +132,7 @@ class PagedKV:
 
     def remove(self, seq: int) -> None:
         s = self._state(seq)
+        self._settle()  # name what the last step wrote, so a finished prompt stays cached
         for table in s.tables:
             self._release(table)
         del self.seqs[seq]
@@ -139,6 +147,7 @@ class PagedKV:
     def fork(self, seq: int) -> int:
         """A new sequence with the same keys: full blocks are shared, the partial last block copied."""
         s = self._state(seq)
+        self._settle()
         new = self.add(s.tokens, s.salt)
         t = self.seqs[new]
         t.length, t.starts, t.hashes = s.length, list(s.starts), list(s.hashes)
@@ -160,6 +169,7 @@ class PagedKV:
         """Forget the last `n` positions (rejected speculative tokens). A chunked layer cannot go back
         before its current chunk unless to that chunk's start."""
         s = self._state(seq)
+        self._settle()
         if not isinstance(n, int) or not 0 <= n <= s.length:
             raise ValueError(f"rollback by {n!r}: expected an int in [0, {s.length}]")
         new_len = s.length - n
@@ -242,6 +252,7 @@ class PagedKV:
         s = self._state(seq)
         if s.length:
             raise ValueError(f"reuse_prefix needs an empty sequence, {seq} holds {s.length} positions")
+        self._settle()
         self.prefix_queries += len(tokens)
         if not self.prefix_caching:
             return 0
@@ -283,16 +294,41 @@ class PagedKV:
                     self.name_of[b], self.named[key] = key, b
 
     # Steps ------------------------------------------------------------------------------------------
-    def plan(self, segments: Sequence[tuple[int, int]]) -> "Step":
-        """Reserve blocks for `n` new positions of each (seq, n); raises KVFull (reserving nothing)."""
+    def _settle(self) -> None:
+        """After a step has run: name the blocks it filled, release the old chunks it left."""
+        for seq in self.touched:
+            if seq in self.seqs:
+                self._name_full_blocks(self.seqs[seq])
+        self.touched = []
+        self._release(self.pending)
+        self.pending = []
+
+    def chunk_of(self, layer: int) -> int | None:
+        return self.chunks[layer]
+
+    def plan(self, segments: Sequence[tuple[int, int]]) -> Step:
+        """Reserve blocks for `n` new positions of each (seq, n) and describe the step (tokens laid out in
+        segment order); raises KVFull, reserving nothing, when the pool cannot hold it."""
+        self._settle()
         plans, taken = [], []
+        if len({seq for seq, _ in segments}) < len(segments):
+            raise ValueError("a sequence appears twice in one step")
+        if not segments:
+            raise ValueError("a step needs at least one segment")
         try:
             for seq, n in segments:
                 plans.append(self._plan_one(seq, n, taken))
         except KVFull:
             self._release(taken)
             raise
-        return Step(self, plans)
+        for p in plans:
+            st = self.seqs[p.seq]
+            for i, (start, table) in enumerate(p.dst):
+                self.pending += [b for b in st.tables[i] if b not in table]
+                st.tables[i], st.starts[i] = table, start
+            st.length = p.pos + p.n
+            self.touched.append(p.seq)
+        return self._describe(plans)
 
     def _plan_one(self, seq: int, n: int, taken: list[int]) -> _Plan:
         s, bs = self._state(seq), self.block_size
@@ -306,7 +342,7 @@ class PagedKV:
                 start, table = pos, []  # a new chunk: nothing before it is visible
             src.append((start, table))
             new_start = start if c is None else max(start, ((end - 1) // c) * c)
-            keep = table if new_start == start else []
+            keep = list(table) if new_start == start else []
             need = math.ceil((end - new_start) / bs) - len(keep)
             new = []
             for _ in range(need):
@@ -319,72 +355,99 @@ class PagedKV:
             dst.append((new_start, keep + new))
         return _Plan(seq, pos, n, src, dst)
 
+    def _describe(self, plans: list[_Plan]) -> Step:
+        """The `Step` for `plans`, and the per-layer indices the attention calls below use."""
+        dev, bs = self.k_NKBD.device, self.block_size
+        offsets = [0]
+        for p in plans:
+            offsets.append(offsets[-1] + p.n)
+        pos_N = torch.cat([torch.arange(p.pos, p.pos + p.n) for p in plans]).to(dev)
+        step = Step([p.seq for p in plans], [p.pos for p in plans], [p.n for p in plans], pos_N,
+                    last_G=torch.tensor(offsets[1:], device=dev) - 1)
+        self.decode, self.groups = None, {}
+        single = [j for j, p in enumerate(plans) if p.n == 1]
+        if single:
+            dp = [plans[j] for j in single]
+            step.decode_rows_B = torch.tensor([p.seq for p in dp], device=dev)
+            step.decode_pos_B = torch.tensor([p.pos for p in dp], device=dev)
+            if len(single) < len(plans):
+                step.decode_tokens_B = torch.tensor([offsets[j] for j in single], device=dev)
+            layers = []
+            for i in range(len(self.chunks)):
+                nb = max(len(p.dst[i][1]) for p in dp)
+                table_BN = [p.dst[i][1] + [0] * (nb - len(p.dst[i][1])) for p in dp]
+                slots = [p.pos - p.dst[i][0] for p in dp]
+                blk_B = [p.dst[i][1][sl // bs] for p, sl in zip(dp, slots)]
+                j_S = torch.arange(nb * bs, device=dev)
+                slot_B1 = torch.tensor(slots, device=dev)[:, None]
+                start_B1 = torch.tensor([p.dst[i][0] for p in dp], device=dev)[:, None]
+                pos_BS = torch.where(j_S <= slot_B1, start_B1 + j_S, -1)  # -1: empty (padding, or not yet written)
+                layers.append((torch.tensor(blk_B, device=dev), torch.tensor([sl % bs for sl in slots], device=dev),
+                               torch.tensor(table_BN, device=dev), pos_BS))
+            self.decode = (step.decode_rows_B, layers)
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for j, p in enumerate(plans):
+            if p.n > 1:
+                by_shape.setdefault((p.pos, p.n), []).append(j)
+        for (start, n), members in by_shape.items():
+            mp = [plans[j] for j in members]
+            tokens_GL = torch.stack([torch.arange(offsets[j], offsets[j] + n) for j in members]).to(dev)
+            group = PrefillGroup(start, n, [p.seq for p in mp], torch.tensor([p.seq for p in mp], device=dev),
+                                 tokens_GL)
+            writes = []
+            for i in range(len(self.chunks)):
+                g_M, l_M, blk_M, off_M = [], [], [], []
+                for g, p in enumerate(mp):
+                    dst_start, table = p.dst[i]
+                    for q in range(max(start, dst_start), start + n):  # earlier chunks' keys are never read
+                        g_M.append(g), l_M.append(q - start)
+                        blk_M.append(table[(q - dst_start) // bs]), off_M.append((q - dst_start) % bs)
+                writes.append(tuple(torch.tensor(x, dtype=torch.int64, device=dev) for x in (g_M, l_M, blk_M, off_M)))
+            self.groups[id(group.rows_G)] = (mp, writes)
+            step.prefill.append(group)
+        return step
 
-class Step:
-    """The reserved blocks of one step; `layer_caches(rows)` for the forward, then `commit(rows, caches)`."""
+    # What attention calls ---------------------------------------------------------------------------
+    def _group(self, rows_G: torch.Tensor):
+        if id(rows_G) not in self.groups:
+            raise ValueError("paged KV: rows of a step that was not planned last (plan each step, then run it)")
+        return self.groups[id(rows_G)]
 
-    def __init__(self, kv: PagedKV, plans: list[_Plan]):
-        self.kv, self.plans = kv, plans
+    def _decode_layer(self, rows_B: torch.Tensor, layer: int):
+        if self.decode is None or self.decode[0] is not rows_B:
+            raise ValueError("paged KV: decode rows of a step that was not planned last (plan, then run)")
+        return self.decode[1][layer]
 
-    def layer_caches(self, rows: Sequence[int]) -> list[LayerCache]:
-        """One `LayerCache` per layer for plans[rows] as a batch: row b holds its visible keys, with
-        room for its new positions."""
-        kv, bs = self.kv, self.kv.block_size
-        plans = [self.plans[r] for r in rows]
-        caches = []
-        for i, c in enumerate(kv.chunks):
-            srcs = [p.src[i] for p in plans]
-            held = [p.pos - start for p, (start, _) in zip(plans, srcs)]
-            need = max(h + p.n for h, p in zip(held, plans))
-            cap = math.ceil((need if c is None else min(c, need)) / bs) * bs
-            nb = max(len(t) for _, t in srcs)
-            cache = LayerCache(len(plans), kv.n_kv, kv.head_dim, cap, c, kv.k_NKBD.dtype, kv.k_NKBD.device)
-            if nb:
-                idx_BN = torch.tensor([t + [0] * (nb - len(t)) for _, t in srcs], device=kv.k_NKBD.device)
-                for pool, dst in ((kv.k_NKBD, cache.k_BKSD), (kv.v_NKBD, cache.v_BKSD)):
-                    dst[:, :, :nb * bs] = pool[idx_BN].permute(0, 2, 1, 3, 4).reshape(len(plans), kv.n_kv, -1,
-                                                                                        kv.head_dim)
-            cache.start_B = torch.tensor([start for start, _ in srcs], dtype=torch.int64)
-            cache.length_B = torch.tensor(held, dtype=torch.int64)
-            caches.append(cache)
-        return caches
+    def write_tokens(self, layer: int, rows_B: torch.Tensor, pos_B: torch.Tensor, k_BKD: torch.Tensor,
+                     v_BKD: torch.Tensor) -> None:
+        blk_B, off_B, _, _ = self._decode_layer(rows_B, layer)
+        self.k_NKBD[blk_B, :, off_B] = k_BKD
+        self.v_NKBD[blk_B, :, off_B] = v_BKD
 
-    def commit(self, rows: Sequence[int], caches: list[LayerCache]) -> None:
-        """Copy the positions the forward wrote into `caches` back into the planned blocks."""
-        kv, bs = self.kv, self.kv.block_size
-        plans = [self.plans[r] for r in rows]
-        dev = kv.k_NKBD.device
-        for i, cache in enumerate(caches):
-            if all(p.n == 1 for p in plans):  # decode rows: one scattered write per layer
-                slots = [p.pos - p.dst[i][0] for p in plans]
-                blk_B = torch.tensor([p.dst[i][1][sl // bs] for p, sl in zip(plans, slots)], device=dev)
-                off_B = torch.tensor([sl % bs for sl in slots], device=dev)
-                slot_B, rows_B = torch.tensor(slots, device=dev), torch.arange(len(plans), device=dev)
-                kv.k_NKBD[blk_B, :, off_B] = cache.k_BKSD[rows_B, :, slot_B]
-                kv.v_NKBD[blk_B, :, off_B] = cache.v_BKSD[rows_B, :, slot_B]
-                continue
-            for b, p in enumerate(plans):
-                start, table = p.dst[i]
-                end = p.pos + p.n
-                first = max(p.pos, start) - start
-                j0, j1 = first // bs, math.ceil((end - start) / bs)
-                blocks = torch.tensor(table[j0:j1], device=dev)
-                for pool, src in ((kv.k_NKBD, cache.k_BKSD), (kv.v_NKBD, cache.v_BKSD)):
-                    pool[blocks] = src[b, :, j0 * bs:j1 * bs].reshape(kv.n_kv, j1 - j0, bs, kv.head_dim).transpose(0, 1)
-        for b, p in enumerate(plans):
-            s = kv.seqs[p.seq]
-            for i, cache in enumerate(caches):
-                start, table = p.dst[i]
-                assert int(cache.start_B[b]) == start and int(cache.start_B[b] + cache.length_B[b]) == p.pos + p.n, \
-                    (i, start, p.pos + p.n, cache.start_B[b], cache.length_B[b])
-                kv._release([x for x in s.tables[i] if x not in table])  # an old chunk's blocks
-                s.tables[i], s.starts[i] = table, start
-            s.length = p.pos + p.n
-            kv._name_full_blocks(s)
+    def gather(self, layer: int, rows_B: torch.Tensor,
+               all_rows: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        _, _, table_BN, pos_BS = self._decode_layer(rows_B, layer)
+        B, nb = table_BN.shape
+        k_BKSD, v_BKSD = (pool[table_BN].permute(0, 2, 1, 3, 4).reshape(B, self.n_kv, nb * self.block_size, -1)
+                          for pool in (self.k_NKBD, self.v_NKBD))
+        return k_BKSD, v_BKSD, pos_BS
 
-    def abandon(self) -> None:
-        """Give back the blocks reserved for a step that will not run."""
-        for p in self.plans:
-            s = self.kv.seqs.get(p.seq)
-            for i, (_, table) in enumerate(p.dst):
-                self.kv._release([x for x in table if s is None or x not in s.tables[i]])
+    def write_block(self, layer: int, rows_G: torch.Tensor, start: int, k_GKLD: torch.Tensor,
+                    v_GKLD: torch.Tensor, all_rows: bool = False) -> None:
+        g_M, l_M, blk_M, off_M = self._group(rows_G)[1][layer]
+        self.k_NKBD[blk_M, :, off_M] = k_GKLD[g_M, :, l_M]
+        self.v_NKBD[blk_M, :, off_M] = v_GKLD[g_M, :, l_M]
+
+    def prefix(self, layer: int, rows_G: torch.Tensor, lo: int, hi: int,
+               all_rows: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        bs, tables = self.block_size, []
+        plans = self._group(rows_G)[0]
+        start = plans[0].src[layer][0]  # what the sequences held before this step (equal for a group)
+        if lo < start:
+            raise ValueError(f"paged KV: positions from {lo} asked of layer {layer}, which holds them from {start}")
+        j0, j1 = (lo - start) // bs, math.ceil((hi - start) / bs)
+        tbl_GJ = torch.tensor([p.src[layer][1][j0:j1] for p in plans], device=self.k_NKBD.device)
+        a = lo - start - j0 * bs
+        G = len(plans)
+        return tuple(pool[tbl_GJ].permute(0, 2, 1, 3, 4).reshape(G, self.n_kv, (j1 - j0) * bs, -1)[:, :, a:a + hi - lo]
+                     for pool in (self.k_NKBD, self.v_NKBD))
