@@ -34,10 +34,11 @@ _NAME = re.compile(r"step_(\d{7})")
 _LEFTOVER = re.compile(r"\.(step_\d{7})\.llama4-(saving|trash)-.*")
 
 # Keys that may differ on --resume: they change how long the run goes and what it writes, not the steps it
-# takes. (train.steps also re-stretches the cosine schedule over the new total; loss_chunk and activation
-# checkpointing change memory, not the result beyond float summation order.)
+# takes. (train.steps also re-stretches the cosine schedule over the new total; loss_chunk, threads and
+# activation checkpointing change speed and memory, not the result beyond float summation order.)
 SAFE_TO_CHANGE = {"train.steps", "train.progress", "train.plot_every", "train.out_dir", "train.loss_chunk",
-                  "train.activation_checkpointing", "checkpoint.every", "checkpoint.keep", "data.media_cache_mb"}
+                  "train.threads", "train.activation_checkpointing", "checkpoint.every", "checkpoint.keep",
+                  "data.media_cache_mb"}
 
 
 def checkpoints(out_dir: str | Path) -> list[Path]:
