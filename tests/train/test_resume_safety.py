@@ -195,3 +195,22 @@ def test_disk_full_during_training_checkpoint_names_enospc(tok, tmp_path, monkey
     assert "disk full (ENOSPC" in err and "inline_container" not in err and "Traceback" not in err
     assert [p.name for p in checkpoints(tmp_path / "run")] == ["step_0000001"]
     assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.update(step="2"), "malformed step"),
+    (lambda s: s.update(data={"epoch": -1, "row": 0}), "malformed data"),
+    (lambda s: s["rng"].update(numpy=[1]), "malformed rng"),
+    (lambda s: s.pop("optimizer"), "a training state needs step, optimizer"),
+])
+def test_malformed_training_state_is_damage_not_a_traceback(tok, tmp_path, caplog, edit, message):
+    cfg = text_config(tok, tmp_path, train={"steps": 1}, checkpoint={"every": 0})
+    out = run(cfg)
+    f = checkpoints(out)[-1] / "train_state" / "state.json"
+    state = json.loads(f.read_text())
+    edit(state)
+    f.write_text(json.dumps(state))
+    with caplog.at_level(logging.WARNING, logger="llama4"):
+        with pytest.raises(ValueError, match="no intact checkpoint"):
+            Trainer(config_from_dict(cfg), resume=True)
+    assert f"state.json: {message}" in caplog.text

@@ -181,7 +181,8 @@ def _write_in_place(root: Path, files: Mapping[str, FileData], names: list[str],
             pass
         raise
     # Shards first, config.json last: readers of final names get the new weights before the new config.
-    order = sorted(names, key=lambda n: (n == "config.json", n.endswith(".index.json"), not n.endswith(".safetensors"), n))
+    order = sorted(names, key=lambda n: (n == "config.json", n.endswith(".index.json"),
+                                         not n.endswith(".safetensors"), n))
     delete = sorted(n for n in owned - set(names) if supersedes(n))
     commit = {"rename": [[temps[n], n] for n in order], "delete": delete}
     # The commit point: from this replace on, readers see the new set.

@@ -198,8 +198,9 @@ def save(model: Llama4, path: str | os.PathLike, *, max_shard_size: int | str = 
     """Write config.json + safetensors shards (+ index) in the HF layout, atomically (checkpoint/atomic.py):
     at every instant `path` holds the complete old checkpoint or the complete new one. Weight, index, bias
     files of an earlier llama4 save that this one does not write are removed (its other files stay); files
-    llama4 did not write are never touched (and a directory with weight files it did not write is refused). `extra_files` (name -> bytes, or a function
-    writing to a file object) are written in the same transaction: tokenizer files, generation config, ..."""
+    llama4 did not write are never touched (and a directory with weight files it did not write is refused).
+    `extra_files` (name -> bytes, or a function writing to a file object) are written in the same
+    transaction: tokenizer files, generation config, processor configs, ..."""
     files = checkpoint_files(model, max_shard_size=max_shard_size, config_spelling=config_spelling)
     clash = sorted(set(files) & set(extra_files or {}))
     if clash:

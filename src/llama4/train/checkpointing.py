@@ -125,7 +125,8 @@ def load_train_state(ckpt: Path) -> tuple[dict, dict]:
 def check_same_run(saved: dict, now: dict, ckpt: Path) -> None:
     """Refuse to resume with a configuration that differs from the checkpoint's outside SAFE_TO_CHANGE."""
     a, b = _flatten(saved), _flatten(now)
-    differ = sorted(k for k in set(a) | set(b) if a.get(k, "<unset>") != b.get(k, "<unset>") and k not in SAFE_TO_CHANGE)
+    differ = sorted(k for k in set(a) | set(b)
+                    if a.get(k, "<unset>") != b.get(k, "<unset>") and k not in SAFE_TO_CHANGE)
     if differ:
         shown = "; ".join(f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in differ)
         raise ValueError(f"--resume: {ckpt} was trained with a different configuration ({shown}). Resuming would "
