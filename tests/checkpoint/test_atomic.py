@@ -27,7 +27,7 @@ def make_model(seed: int, layers: int, bias: bool) -> llama4.Llama4:
     model = llama4.Llama4(small_text(num_hidden_layers=layers, interleave_moe_layer_step=2,
                                      rope_theta=5e5 + seed)).init_weights(std=0.05, seed=seed)
     if bias:
-        model.layers[1].feed_forward.expert_bias_E = torch.tensor([0.5, -0.25, 0.0, 0.125])
+        model.layers[1].feed_forward.expert_bias.copy_(torch.tensor([0.5, -0.25, 0.0, 0.125]))
     return model
 
 

@@ -27,6 +27,8 @@ from .safetensors_io import INDEX, TORCH_DTYPES, detect_layout, dtype_of, read_i
 BIAS_FILE = "expert_bias.json"
 
 log = logging.getLogger("llama4")
+# MoE routing-bias buffers: in our state_dict, in no HF key (written to expert_bias.json instead).
+ROUTING_BIAS = re.compile(r"layers\.(\d+)\.feed_forward\.expert_bias")
 
 # Loading ------------------------------------------------------------------------------------------
 
@@ -58,7 +60,9 @@ def load(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: s
 
     with torch.device("meta"):
         model = Llama4(cfg)
-    expected = dict(model.state_dict(keep_vars=True))
+    # The routing bias is state_dict state that the HF layout has no key for: it comes from
+    # expert_bias.json (zero without one), never from the weight files.
+    expected = {k: v for k, v in model.state_dict(keep_vars=True).items() if not ROUTING_BIAS.fullmatch(k)}
     if cfg.text.tie_word_embeddings:
         expected.pop("output.weight", None)
 
@@ -129,10 +133,11 @@ def apply_expert_bias(model: Llama4, biases: dict[str, list[float]], f: Path | s
     for key, values in biases.items():
         i = int(key.split(".")[1])
         moe = getattr(model.layers[i], "feed_forward", None) if i < len(model.layers) else None
-        if not hasattr(moe, "expert_bias_E") or len(values) != moe.n_experts:
+        if not hasattr(moe, "expert_bias") or len(values) != moe.n_experts:
             raise ValueError(f"{f}: {key!r} does not name an MoE layer's {getattr(moe, 'n_experts', '?')} "
                              f"expert biases (got {len(values)} values)")
-        moe.expert_bias_E = torch.tensor(values, dtype=torch.float32, device=moe.expert_bias_E.device)
+        with torch.no_grad():
+            moe.expert_bias.copy_(torch.tensor(values, dtype=torch.float32))
 
 
 # Saving -------------------------------------------------------------------------------------------
@@ -142,26 +147,28 @@ def state_dict_hf(model: Llama4) -> dict[str, torch.Tensor]:
     keymap = KeyMap(cfg.vision is not None)
     out = {}
     for name, t in model.state_dict().items():
-        if name == "output.weight" and cfg.text.tie_word_embeddings:
-            continue
+        if name == "output.weight" and cfg.text.tie_word_embeddings or ROUTING_BIAS.fullmatch(name):
+            continue  # the routing bias goes to expert_bias.json (no HF key carries it)
         out[keymap.to_hf(name)] = t
     return out
 
 
-def _parse_size(size: int | str) -> int:
+def parse_size(size: int | str) -> int:
     if isinstance(size, int):
         return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)I?B\s*", size.upper())
-    if not m:
-        raise ValueError(f"max_shard_size={size!r}: expected bytes or a string like '5GB' or '500MB'")
-    return int(float(m.group(1)) * 1000 ** " KMGT".index(m.group(2) or " "))
+    # As transformers reads them: "5GB" is 5 * 10**9 bytes, "5GiB" is 5 * 2**30.
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B\s*", size.upper())
+    if not m or (m.group(3) and not m.group(2)):
+        raise ValueError(f"max_shard_size={size!r}: expected bytes or a string like '5GB', '5GiB' or '500MB'")
+    base = 1024 if m.group(3) else 1000
+    return int(float(m.group(1)) * base ** " KMGT".index(m.group(2) or " "))
 
 
 def checkpoint_files(model: Llama4, *, max_shard_size: int | str = "5GB",
                      config_spelling: int = 4) -> dict[str, FileData]:
     """The files of an HF checkpoint of `model`, name -> bytes or writer: config.json, the safetensors
     weights (one file, or shards + index), and expert_bias.json when the routing biases are not all zero."""
-    limit = _parse_size(max_shard_size)
+    limit = parse_size(max_shard_size)
     tensors = state_dict_hf(model)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -185,9 +192,9 @@ def checkpoint_files(model: Llama4, *, max_shard_size: int | str = "5GB",
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         files[INDEX] = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2).encode()
     files["config.json"] = (json.dumps(config_to_hf(model.config, config_spelling), indent=2) + "\n").encode()
-    biases = {f"layers.{i}.feed_forward.expert_bias": layer.feed_forward.expert_bias_E.tolist()
+    biases = {f"layers.{i}.feed_forward.expert_bias": layer.feed_forward.expert_bias.tolist()
               for i, layer in enumerate(model.layers) if isinstance(layer.feed_forward, MoE)
-              and layer.feed_forward.expert_bias_E.any()}
+              and layer.feed_forward.expert_bias.any()}
     if biases:  # routing state from loss-free balancing; `load` applies it
         files[BIAS_FILE] = json.dumps(biases).encode()
     return files

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from torch.nn.utils import parametrize
-from torch.utils.checkpoint import checkpoint
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
 from ..checkpoint.atomic import Snapshot
 from ..checkpoint.safetensors_io import read_header
@@ -137,11 +137,12 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.
 
 
 def checkpoint_layers(model: Llama4) -> None:
-    """Recompute each decoder layer in backward instead of keeping its activations."""
-    for block in model.layers:
-        def forward(*args, _fwd=block.forward, **kw):
-            return checkpoint(_fwd, *args, use_reentrant=False, **kw)
-        block.forward = forward
+    """Recompute each decoder layer in backward instead of keeping its activations: every block is
+    wrapped from outside (`checkpoint_wrapper`, non-reentrant), so the model code is untouched and
+    FSDP / compile see an ordinary module. state_dict keys keep their names (the wrapper strips its
+    prefix); attribute access falls through to the block."""
+    for i, block in enumerate(model.layers):
+        model.layers[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
 
 
 class Progress:
@@ -298,10 +299,11 @@ class Trainer:
             pixels = None if b.pixel_values is None else b.pixel_values.to(self.device)
             doc_pos = None if b.doc_pos is None else b.doc_pos.to(self.device)
             self.balancer.begin()
+            mask = b.token_mask.to(self.device, non_blocking=True)
             with cached(), self.autocast():
-                h_BTD = model(ids, pixels, return_hidden=True, doc_pos=doc_pos)
+                h_BTD = model(ids, pixels, return_hidden=True, doc_pos=doc_pos, token_mask=mask)
                 keep = labels != IGNORE
-                loss = chunked_cross_entropy(h_BTD[keep], model.output.weight, labels[keep],
+                loss = chunked_cross_entropy(h_BTD[keep], model.output, labels[keep],
                                              chunk=t.loss_chunk, norm=n_targets)
                 aux = self.balancer.collect()
                 total = loss if aux is None else loss + aux / t.grad_accum

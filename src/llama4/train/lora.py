@@ -25,6 +25,7 @@ from ..checkpoint.safetensors_io import write_safetensors
 from ..model.attention import Attention
 from ..model.experts import Experts
 
+CHECKPOINT_WRAPPER_PREFIX = "._checkpoint_wrapped_module"  # what torch's checkpoint_wrapper adds to names
 ADAPTER_FILE, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 
 
@@ -44,6 +45,8 @@ def _targets(model: nn.Module, targets: list[str]) -> list[tuple[str, nn.Module,
     """(module path, module, parameter name) for every weight LoRA adapts."""
     out = []
     for name, mod in model.named_modules():
+        # Activation checkpointing wraps blocks (train/loop.py); adapter keys keep the plain names.
+        name = name.replace(CHECKPOINT_WRAPPER_PREFIX, "")
         if name.startswith("vision"):
             continue
         if "attention" in targets and isinstance(mod, Attention):
