@@ -20,6 +20,7 @@ import torch
 from ..config import config_to_hf, load_config
 from ..model import Llama4
 from ..model.moe import MoE
+from ..model.quantize import quantize_model
 from .atomic import FileData, Snapshot, write_checkpoint
 from .keymap import KeyMap
 from .safetensors_io import INDEX, TORCH_DTYPES, detect_layout, dtype_of, read_into, weight_files, write_safetensors
@@ -32,16 +33,32 @@ ROUTING_BIAS = re.compile(r"layers\.(\d+)\.feed_forward\.expert_bias")
 
 # Loading ------------------------------------------------------------------------------------------
 
-def load(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Llama4:
+def load(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+         quantize: str | None = None, quantize_only: str = "experts") -> Llama4:
     """Load an HF Llama 4 checkpoint directory (multimodal or text-only, one file or sharded), or
-    Meta's original format (`params.json` + `consolidated.*.pth`)."""
+    Meta's original format (`params.json` + `consolidated.*.pth`).
+
+    Quantized checkpoints (compressed-tensors, fbgemm_fp8, Meta's fp8_mixed / int4_mixed) load as
+    they are; `quantize="int8" | "int4" | "int4-g64" | "fp8"` quantizes a float checkpoint's experts
+    (`quantize_only="all"`: and its linears) tensor by tensor while reading."""
+    from . import quantized
+
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: checkpoint directory does not exist")
     if not (root / "config.json").exists() and (root / "params.json").exists():
         from .meta import load_meta
+        from .meta_quantized import load_meta_quantized, meta_quantization
 
-        return load_meta(root, dtype=dtype, device=device)
+        if meta_quantization(root):
+            return load_meta_quantized(root, dtype=dtype, device=device)
+        model = load_meta(root, dtype=dtype, device=device)
+        return quantize_model(model, quantize, quantize_only) if quantize else model
+    qcfg = quantized.quantization_config(root)
+    if qcfg is not None:
+        if quantize:
+            raise ValueError(f"{root}: already quantized ({qcfg.get('quant_method')}); load it without quantize=")
+        return quantized.load_published(root, qcfg, dtype=dtype, device=device)
     snap = Snapshot(root)  # the consistent set of files, also while a save into `root` is renaming
     config = snap.file("config.json")
     if config is None:
@@ -94,7 +111,9 @@ def load(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: s
     if dtype is None:
         first = plan[0]
         dtype = dtype_of(headers[first[2]][first[1]]["dtype"])
-    model = model.to(dtype=dtype).to_empty(device=device)
+    model = model.to(dtype=dtype)
+    sinks = quantized.prepare_quantized(model, quantize, quantize_only, device) if quantize else {}
+    model = model.to_empty(device=device)
     if cfg.text.tie_word_embeddings:
         model.output.weight = model.tok_embeddings.weight
     params = dict(model.state_dict(keep_vars=True))
@@ -103,7 +122,10 @@ def load(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: s
         by_file.setdefault(file, []).append((ours, hf_key))
     with torch.no_grad():
         for file, items in by_file.items():
-            read_into(file, headers[file], [(params[ours], hf_key) for ours, hf_key in items])
+            read_into(file, headers[file], [(params[ours], hf_key) for ours, hf_key in items if ours not in sinks])
+            for ours, hf_key in items:  # quantized one tensor at a time: never the whole float model
+                if ours in sinks:
+                    sinks[ours](quantized.read_tensor(file, headers[file], hf_key))
     model.reset_buffers()
     bias = snap.file(BIAS_FILE)
     if bias is not None:
