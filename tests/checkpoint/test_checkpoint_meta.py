@@ -90,7 +90,10 @@ def ours_to_published(model: llama4.Llama4) -> dict[str, torch.Tensor]:
     """Our parameters in llama-models' module names, then published names: a Meta checkpoint without fairscale."""
     sd, out = model.state_dict(), {}
     cfg = model.config.text
+    buffers = {n for n, _ in model.named_buffers()}  # routing bias: no Meta key
     for name, t in sd.items():
+        if name in buffers:
+            continue
         name = name.replace("feed_forward.router.weight", "feed_forward.router_DE")
         if name.endswith("router_DE"):
             t = t.T

@@ -19,6 +19,7 @@ from torch import nn
 from ..config import TextConfig
 from ..kv.base import KVStore, PrefillGroup, Step
 from . import backends
+from .init import init_linear
 from .layers import apply_rope, l2_norm
 
 
@@ -37,6 +38,10 @@ class Attention(nn.Module):
         self.qk_norm_eps = cfg.rms_norm_eps if (cfg.use_qk_norm and self.use_rope) else None
         self.temperature = (cfg.floor_scale, cfg.attn_scale) if (cfg.attn_temperature_tuning and not self.use_rope) \
             else None
+
+    def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:
+        for w in (self.wq, self.wk, self.wv, self.wo):
+            init_linear(w, std, generator)
 
     def forward(self, x_BTD: torch.Tensor, pos_BT: torch.Tensor, rope_BT: torch.Tensor | None,
                 kv: KVStore | None = None, step: Step | None = None, doc_pos_BT: torch.Tensor | None = None,

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .init import init_linear, ones_
+
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32 and cast back, as Llama does (bf16 sums lose too much)."""
@@ -20,6 +22,9 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+
+    def init_weights(self) -> None:
+        ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return l2_norm(x, self.eps) * self.weight
@@ -40,12 +45,16 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(dim, hidden, bias=False)  # up
         self.w2 = nn.Linear(hidden, dim, bias=False)  # down
 
+    def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:
+        for w in (self.w1, self.w3, self.w2):
+            init_linear(w, std, generator)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
-    """Inverse frequencies [Dh/2], with llama3-style scaling when configured.
+    """Inverse frequencies [R], with llama3-style scaling when configured.
 
     llama3 scaling keeps high frequencies (short wavelengths), divides low ones by `factor`, and blends
     linearly in between. When high_freq_factor == low_freq_factor (Scout) the blend band is empty:

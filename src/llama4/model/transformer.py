@@ -17,6 +17,7 @@ from torch import nn
 from ..config import Llama4Config, TextConfig
 from ..kv.base import KVStore, Step
 from .attention import Attention
+from .init import normal_
 from .layers import RMSNorm, SwiGLU, rope_freqs, rope_inv_freq
 from .moe import MoE
 
@@ -29,10 +30,19 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.feed_forward = MoE(cfg) if cfg.is_moe(layer) else SwiGLU(cfg.hidden_size, cfg.intermediate_size_mlp)
 
+    def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:
+        self.attention_norm.init_weights()
+        self.attention.init_weights(std, generator)
+        self.ffn_norm.init_weights()
+        self.feed_forward.init_weights(std, generator)
+
     def forward(self, x_BTD, pos_BT, rope_BT, kv: KVStore | None = None, step: Step | None = None,
-                doc_pos_BT=None, offset: int = 0):
+                doc_pos_BT=None, offset: int = 0, token_mask_BT=None):
         h_BTD = x_BTD + self.attention(self.attention_norm(x_BTD), pos_BT, rope_BT, kv, step, doc_pos_BT, offset)
-        return h_BTD + self.feed_forward(self.ffn_norm(h_BTD))
+        ffn_in_BTD = self.ffn_norm(h_BTD)
+        if isinstance(self.feed_forward, MoE):
+            return h_BTD + self.feed_forward(ffn_in_BTD, token_mask_BT)
+        return h_BTD + self.feed_forward(ffn_in_BTD)
 
 
 class Llama4(nn.Module):
@@ -60,30 +70,33 @@ class Llama4(nn.Module):
     # Weights --------------------------------------------------------------------------------------
     @torch.no_grad()
     def init_weights(self, std: float | None = None, seed: int | None = None) -> "Llama4":
-        """Random init (normal(0, std) matrices, unit norms). Kept out of __init__ so the model can be
-        built on the meta device and filled from a checkpoint instead."""
+        """Random init: normal(0, std) matrices, unit norms, zero biases and routing state. Kept out of
+        __init__ so the model can be built on the meta device and filled from a checkpoint instead.
+
+        Each module initialises its own parameters (`init_weights` on it); meta tensors are skipped
+        and a sharded (DTensor) parameter draws only its local shard's numbers (`model/init.py`).
+        """
         std = self.config.text.initializer_range if std is None else std
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        for name, p in self.named_parameters():
-            if p.is_meta:
-                continue
-            if name.endswith(("norm.weight", "layernorm_pre.weight", "layernorm_post.weight")) or \
-                    (p.ndim == 1 and "norm" in name and name.endswith("weight")):
-                p.fill_(1.0)
-            elif p.ndim == 1 and name.endswith("bias"):
-                p.zero_()
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
+        normal_(self.tok_embeddings.weight, std, gen)
+        for layer in self.layers:
+            layer.init_weights(std, gen)
+        self.norm.init_weights()
+        if self.output.weight is not self.tok_embeddings.weight:
+            normal_(self.output.weight, std, gen)
+        if self.vision is not None:
+            self.vision.init_weights(std, gen)
         self.reset_buffers()
         return self
 
     def reset_buffers(self) -> None:
-        """Recompute non-persistent buffers (needed after building on the meta device)."""
+        """Recompute non-persistent buffers and zero the routing state (after building on the meta
+        device, or before a checkpoint that may not carry the routing bias is applied)."""
         t = self.config.text
         self.inv_freq = rope_inv_freq(t.head_dim, t.rope_theta, t.rope_scaling).to(self.output.weight.device)
         for m in self.modules():
             if isinstance(m, MoE):
-                m.expert_bias_E = torch.zeros(m.n_experts, device=self.output.weight.device)
+                m.reset_buffers()
 
     # Forward --------------------------------------------------------------------------------------
     def embed(self, input_ids_BT: torch.Tensor, pixel_values: torch.Tensor | None = None,
@@ -117,7 +130,7 @@ class Llama4(nn.Module):
     def forward(self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None, *,
                 embeds: torch.Tensor | None = None, start_pos: int | Sequence[int] | torch.Tensor | None = None,
                 cache: KVStore | None = None, step: Step | None = None, return_hidden: bool = False,
-                doc_pos: torch.Tensor | None = None) -> torch.Tensor:
+                doc_pos: torch.Tensor | None = None, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, V] (or the final hidden states with `return_hidden`, for chunked losses).
 
         * No cache: the T tokens attend among themselves, at absolute positions [start_pos,
@@ -129,6 +142,7 @@ class Llama4(nn.Module):
           are not re-validated here (the engine checks prompts once at its edge).
         * `doc_pos` [B, T] packs several documents per row (training, no cache): each token's position
           inside its own document, 0 where one starts; every document then runs as if it were alone.
+        * `token_mask` [B, T] (True for real tokens) keeps padding out of the MoE's expert load counts.
         """
         if step is None:
             x_BTD = self.embed(input_ids, pixel_values) if embeds is None else embeds
@@ -161,7 +175,7 @@ class Llama4(nn.Module):
             pos_BT = torch.arange(start_pos, start_pos + T, device=dev)
         rope_BT = rope_freqs(pos_BT, self.inv_freq)
         for layer in self.layers:
-            x_BTD = layer(x_BTD, pos_BT, rope_BT, cache, step, doc_pos, offset)
+            x_BTD = layer(x_BTD, pos_BT, rope_BT, cache, step, doc_pos, offset, token_mask)
         h_BTD = self.norm(x_BTD).reshape(B, T, -1)
         return h_BTD if return_hidden else self.output(h_BTD)
 
