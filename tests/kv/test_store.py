@@ -99,7 +99,7 @@ def test_fork_continues_independently(model):
     assert rel_err(got[10:], _alone(model, seqs[1, :50])[40:]) <= 1e-5
 
 
-@pytest.mark.parametrize("dense", [True])
+@pytest.mark.parametrize("dense", [True, False])
 def test_decode_step_compiles_whole(dense):
     """`torch.compile(decode_step, fullgraph=True)` captures one decode step: no host sync, no graph
     break, inside the model or the store; its logits equal the eager step's."""
