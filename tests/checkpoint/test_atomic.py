@@ -162,8 +162,10 @@ def test_extra_files_refuse_to_replace_user_files_and_are_owned(models, tmp_path
     with pytest.raises(ValueError, match="tokenizer.json"):
         llama4.save(models["A"], target, extra_files={"tokenizer.json": b"{}"})
     assert (target / "tokenizer.json").read_text() == "mine"
-    llama4.save(models["B"], target)  # ours and not rewritten: removed; the user's: kept
-    assert not (target / "generation_config.json").exists() and (target / "tokenizer.json").read_text() == "mine"
+    llama4.save(models["B"], target)  # ours, not rewritten and not weights: kept; the user's: kept
+    assert (target / "generation_config.json").exists() and (target / "tokenizer.json").read_text() == "mine"
+    llama4.save(models["B"], target, extra_files={"generation_config.json": b"[]"})  # ours: replaced
+    assert (target / "generation_config.json").read_bytes() == b"[]"
     with pytest.raises(ValueError, match="written by llama4.save itself"):
         llama4.save(models["B"], target, extra_files={"config.json": b"{}"})
 

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: missing files, permissions, a full disk (ENOSPC)
         print(f"llama4 {args.command}: error: {e}", file=sys.stderr)
         return 2
 
