@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .experts import Experts, Kernel, register_kernel
+
 SCHEMES = ("int8", "int4", "fp8")
 INT4_GROUP_SIZES = (32, 64, 128)
 INT8_KERNEL_MAX_ROWS = 32
@@ -248,8 +250,10 @@ def _fp8_scaled_mm(x_MK: torch.Tensor, q_NK: torch.Tensor, scale_N: torch.Tensor
 
 # Modules --------------------------------------------------------------------------------------------
 
-class QuantExperts(nn.Module):
-    """Routed experts with quantized weights; the `Experts(x_RD, counts_E)` interface.
+class QuantExperts(Experts):
+    """Routed experts with quantized weights, behind the expert-kernel seam (`Experts.forward` picks
+    the kernel registered for `weight_format` = the scheme's name; the interface stays
+    `experts(x_RD, counts_E)`).
 
     gate_up holds E matrices [2F, D] (gate rows, then up rows, the HF fused layout transposed) and
     down E matrices [D, F]. Only experts that received rows are read, once per routed group.
@@ -257,10 +261,15 @@ class QuantExperts(nn.Module):
 
     def __init__(self, n_experts: int, dim: int, hidden: int, scheme: QuantScheme,
                  device: torch.device | str | None = None):
-        super().__init__()
+        nn.Module.__init__(self)  # not Experts.__init__: no float weights
         self.scheme = scheme
+        self.weight_format = scheme.name
+        self.kernel: str | None = None
         self.gate_up = QuantMatrices(n_experts, 2 * hidden, dim, scheme, device)
         self.down = QuantMatrices(n_experts, dim, hidden, scheme, device)
+
+    def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:
+        raise ValueError("quantized experts are made from trained weights (QuantExperts.from_float), not initialised")
 
     @classmethod
     @torch.no_grad()
@@ -273,17 +282,23 @@ class QuantExperts(nn.Module):
             out.down.set_float(e, down_EFD[e].t())
         return out
 
-    def forward(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """`x_RD` is sorted by expert; expert e owns the next `counts_E[e]` rows."""
-        sizes = counts_E.tolist()
-        used = [e for e, n in enumerate(sizes) if n]
-        if not used:
-            return torch.empty_like(x_RD)
-        x_per_expert = x_RD.split(sizes)
-        h_RF2 = torch.cat([self.gate_up.mm(e, x_per_expert[e]) for e in used])
-        gate, up = h_RF2.chunk(2, dim=-1)
-        a_per_expert = (F.silu(gate) * up).split([sizes[e] for e in used])
-        return torch.cat([self.down.mm(e, a) for a, e in zip(a_per_expert, used)])
+
+
+def _quant_loop_run(experts: QuantExperts, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """Per expert that has rows: the quantized gate_up and down kernels (`QuantMatrices.mm`)."""
+    sizes = counts_E.tolist()
+    used = [e for e, n in enumerate(sizes) if n]
+    if not used:
+        return x_RD.new_empty(x_RD.shape[0], experts.down.N)
+    x_per_expert = x_RD.split(sizes)
+    h_RF2 = torch.cat([experts.gate_up.mm(e, x_per_expert[e]) for e in used])
+    gate, up = h_RF2.chunk(2, dim=-1)
+    a_per_expert = (F.silu(gate) * up).split([sizes[e] for e in used])
+    return torch.cat([experts.down.mm(e, a) for a, e in zip(a_per_expert, used)])
+
+
+for _name in SCHEMES:
+    register_kernel(_name, Kernel("quant_loop", lambda experts, x_RD: True, _quant_loop_run))
 
 
 class QuantLinear(nn.Module):
