@@ -137,6 +137,7 @@ class QuantMatrices(nn.Module):
         super().__init__()
         self.E, self.N, self.K, self.scheme = E, N, K, scheme
         self.act_scale_ub: float | None = None  # fp8 only: see fp8_per_token
+        self._scales_as: dict = {}
         device = torch.device(device or "cpu")
         kw = {"device": device}
         if scheme.name == "int4":
@@ -162,11 +163,21 @@ class QuantMatrices(nn.Module):
         def keep_dtype(t):
             out = fn(t)
             return out if out.dtype == t.dtype else t.to(out.device)
+        self._scales_as = {}
         return super()._apply(keep_dtype, recurse)
+
+    def _scale_as(self, e: int, dtype: torch.dtype) -> torch.Tensor:
+        """Row scales of matrix e in `dtype`, converted once (a per-call cast is a visible share of a
+        decode step's time)."""
+        key = (e, dtype)
+        if key not in self._scales_as:
+            self._scales_as[key] = self.scale[e].to(dtype)
+        return self._scales_as[key]
 
     @torch.no_grad()
     def set(self, e: int, q_NK: torch.Tensor, scale: torch.Tensor) -> None:
         """Store matrix `e` from its checkpoint form (`quantize_weight`'s output)."""
+        self._scales_as = {}
         if tuple(q_NK.shape) != (self.N, self.K):
             raise ValueError(f"quantized weight of shape {list(q_NK.shape)}; expected [{self.N}, {self.K}]")
         if self.scheme.name == "int4":
@@ -194,7 +205,7 @@ class QuantMatrices(nn.Module):
         if self.scheme.name == "fp8":
             return fp8_to(self.q[e], self.scale[e][:, None], dtype)
         if self.scheme.name == "int8":
-            return self.q[e].to(dtype) * self.scale[e][:, None].to(dtype)
+            return self.q[e].to(dtype) * self._scale_as(e, dtype)[:, None]
         if self.layout == "cpu-int4pack":
             # No unpacking routine for the kernel's layout: multiply the identity instead (tests only).
             eye = torch.eye(self.K, dtype=torch.bfloat16, device=self.q.device)
@@ -211,7 +222,7 @@ class QuantMatrices(nn.Module):
         if name == "int8" and x_MK.device.type == "cpu":
             if x_MK.shape[0] <= INT8_KERNEL_MAX_ROWS:
                 xb = x_MK.to(torch.bfloat16)
-                return torch._weight_int8pack_mm(xb, self.q[e], self.scale[e].to(torch.bfloat16)).to(dt)
+                return torch._weight_int8pack_mm(xb, self.q[e], self._scale_as(e, torch.bfloat16)).to(dt)
             return x_MK @ self.dequantize(e, torch.bfloat16 if dt == torch.bfloat16 else dt).t()
         if name == "int4" and self.layout == "cpu-int4pack":
             if x_MK.device.type != "cpu":
