@@ -119,7 +119,8 @@ def read_header(path: Path) -> dict[str, dict]:
     end, prev = 0, None
     for begin, stop, key in sorted(spans):
         if begin != end:
-            how = f"overlaps {prev!r}" if begin < end else f"leaves {begin - end} unused bytes after {prev or 'the header'}"
+            how = f"overlaps {prev!r}" if begin < end else \
+                f"leaves {begin - end} unused bytes after {prev or 'the header'}"
             raise ValueError(f"{path}: tensor {key!r} data_offsets [{begin}, {stop}] {how}; the offsets must tile the "
                              f"data exactly, as the safetensors format requires")
         end, prev = stop, key

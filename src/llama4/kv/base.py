@@ -21,7 +21,7 @@ S slots, L tokens of a segment, Dh head dim.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -68,6 +68,7 @@ class Step:
         return not self.prefill
 
 
+@runtime_checkable
 class KVStore(Protocol):
     """What attention and the engines need from a KV cache (see the module docstring)."""
 
@@ -93,10 +94,12 @@ class KVStore(Protocol):
         """The layer's attention chunk (None: global)."""
 
     def write_block(self, layer: int, rows_G: torch.Tensor, start: int, k_GKLD: torch.Tensor,
-                    v_GKLD: torch.Tensor) -> None: ...
+                    v_GKLD: torch.Tensor, all_rows: bool = False) -> None:
+        """Keys of positions [start, start + L) of the rows (after the block has attended)."""
 
     def write_tokens(self, layer: int, rows_B: torch.Tensor, pos_B: torch.Tensor, k_BKD: torch.Tensor,
-                     v_BKD: torch.Tensor) -> None: ...
+                     v_BKD: torch.Tensor) -> None:
+        """One key per row at absolute positions pos_B (tensors only: the compiled decode path)."""
 
     def prefix(self, layer: int, rows_G: torch.Tensor, lo: int, hi: int,
                all_rows: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
