@@ -351,7 +351,10 @@ def _plan(model: Llama4, keys: set[str], root: Path) -> list[tuple[str, str, str
     rules = TEXT_RULES + (VISION_RULES if model.vision is not None else [])
     compiled = [(compile_template(o), m, k) for o, m, k in rules]
     plan, missing = [], []
+    buffers = {name for name, _ in model.named_buffers()}  # routing state: Meta's format has none
     for name in model.state_dict():
+        if name in buffers:
+            continue
         found: dict[bool, tuple[str, str]] = {}  # slot (is-up-half?) -> (meta key, kind)
         wanted: dict[bool, str] = {}
         for pattern, meta, kind in compiled:
