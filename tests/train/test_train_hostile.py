@@ -15,7 +15,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # from conftest
 
 
 @pytest.mark.parametrize("section,values,message", [
-    ("optim", {"betas": ["0.9", "0.95"]}, "optim.betas must be two numbers"),
+    ("optim", {"betas": ["0.9", "0.95"]}, r"optim\.betas = \[.0\.9., .0\.95.\] has the wrong type"),
     ("train", {"device": "tpu"}, "train.device = 'tpu' is not a device"),
     ("train", {"device": "gpu0"}, "train.device = 'gpu0' is not a device"),
 ])
