@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import random
 import shutil
@@ -162,8 +163,10 @@ def test_extra_files_refuse_to_replace_user_files_and_are_owned(models, tmp_path
     with pytest.raises(ValueError, match="tokenizer.json"):
         llama4.save(models["A"], target, extra_files={"tokenizer.json": b"{}"})
     assert (target / "tokenizer.json").read_text() == "mine"
-    llama4.save(models["B"], target)  # ours and not rewritten: removed; the user's: kept
-    assert not (target / "generation_config.json").exists() and (target / "tokenizer.json").read_text() == "mine"
+    llama4.save(models["B"], target)  # ours, not rewritten and not weights: kept; the user's: kept
+    assert (target / "generation_config.json").exists() and (target / "tokenizer.json").read_text() == "mine"
+    llama4.save(models["B"], target, extra_files={"generation_config.json": b"[]"})  # ours: replaced
+    assert (target / "generation_config.json").read_bytes() == b"[]"
     with pytest.raises(ValueError, match="written by llama4.save itself"):
         llama4.save(models["B"], target, extra_files={"config.json": b"{}"})
 
@@ -258,3 +261,42 @@ def test_manifest_lists_exactly_what_save_wrote(models, tmp_path):
     man = json.loads((target / ".llama4-save.json").read_text())
     assert man["pending"] == [] and man["commit"] is None
     assert set(man["files"]) == {p.name for p in target.iterdir() if not p.name.startswith(".")}
+
+
+def test_planted_manifest_cannot_reach_outside_the_directory(models, tmp_path):
+    """A manifest planted in a shared directory: deleting or renaming through a symlinked subdirectory, or
+    redirecting config.json to another file, is refused (save) or ignored (load)."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious.txt").write_text("keep me")
+    target = tmp_path / "c"
+    llama4.save(models["A"], target)
+    (target / "sub").symlink_to(outside)
+    man = json.loads((target / ".llama4-save.json").read_text())
+    for commit in ({"rename": [], "delete": ["sub/precious.txt"]},
+                   {"rename": [[".model.safetensors.llama4-tmp-1", "sub/precious.txt"]], "delete": []},
+                   {"rename": [["../outside/precious.txt", "config.json"]], "delete": []}):
+        (target / ".llama4-save.json").write_text(json.dumps({**man, "commit": commit}))
+        assert which(target, models) == "A"
+        with pytest.raises(ValueError, match="damaged manifest"):
+            llama4.save(models["B"], target)
+        assert (outside / "precious.txt").read_text() == "keep me"
+    # A stand-in must be the temporary of its own final name: not another file of the directory.
+    (target / "notes.json").write_text("{}")
+    (target / ".llama4-save.json").write_text(json.dumps({**man, "commit": {"rename": [["notes.json", "config.json"]],
+                                                                            "delete": []}}))
+    assert which(target, models) == "A"
+
+
+def test_target_that_is_a_file_and_legacy_leftovers(models, tmp_path, caplog):
+    (tmp_path / "f").write_text("a file")
+    with pytest.raises(ValueError, match="exists and is not a directory"):
+        llama4.save(models["A"], tmp_path / "f")
+    assert (tmp_path / "f").read_text() == "a file"
+    old = tmp_path / ".c.old-1234"  # what an older llama4 left when killed: it may hold user files
+    old.mkdir()
+    (old / "tokenizer.json").write_text("user's")
+    with caplog.at_level(logging.WARNING, logger="llama4"):
+        llama4.save(models["A"], tmp_path / "c")
+    assert ".c.old-1234: left by a save of an older llama4" in caplog.text
+    assert (old / "tokenizer.json").read_text() == "user's"

@@ -390,3 +390,24 @@ def test_not_a_checkpoint(tmp_path):
     (path / "consolidated.00.pth").write_bytes(b"not a zip file")
     with pytest.raises(ValueError, match=r"consolidated\.00\.pth: not a readable PyTorch checkpoint"):
         llama4.load(path)
+
+
+class _Payload:
+    """Unpickling this creates a file: proof that code in the checkpoint ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_planted_pickle_in_a_meta_shard_never_runs(tmp_path):
+    path, _ = tiny_meta_dir(tmp_path / "c")
+    marker = tmp_path / "pwned"
+    sd = torch.load(path / "consolidated.00.pth", weights_only=True)
+    sd["payload"] = _Payload(str(marker))
+    torch.save(sd, path / "consolidated.00.pth")
+    with pytest.raises(ValueError, match=r"consolidated.00.pth: not a readable PyTorch checkpoint"):
+        llama4.load(path)
+    assert not marker.exists()

@@ -167,3 +167,50 @@ def test_kill_during_training_checkpoint_every_step_and_random(tok, tmp_path, sa
     seen = kill_points_for_training(tok, tmp_path / "run", list(range(1, n + 1)),
                                     [rng.uniform(0, duration * 1.2) for _ in range(50)], same_step)
     assert seen == {"old", "new"}
+
+
+def test_disk_full_during_training_checkpoint_names_enospc(tok, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from llama4.checkpoint import atomic
+    from llama4.cli import main
+
+    cfg = text_config(tok, tmp_path, train={"steps": 2}, checkpoint={"every": 1, "keep": 2})
+    def value(v):  # TOML: JSON scalars and lists read the same; tables are inline
+        return "{" + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + "}" if isinstance(v, dict) else json.dumps(v)
+
+    toml = tmp_path / "run.toml"
+    toml.write_text("".join(f"[{sec}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in vals.items())
+                            for sec, vals in cfg.items()))
+    real_open = open
+
+    def full_open(path, mode="r", *a, **k):  # the second checkpoint finds the disk full
+        if mode == "wb" and "step_0000002" in str(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_open(path, mode, *a, **k)
+
+    monkeypatch.setattr(atomic, "open", full_open, raising=False)
+    assert main(["train", "--config", str(toml)]) == 2
+    err = capsys.readouterr().err
+    assert "disk full (ENOSPC" in err and "inline_container" not in err and "Traceback" not in err
+    assert [p.name for p in checkpoints(tmp_path / "run")] == ["step_0000001"]
+    assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.update(step="2"), "malformed step"),
+    (lambda s: s.update(data={"epoch": -1, "row": 0}), "malformed data"),
+    (lambda s: s["rng"].update(numpy=[1]), "malformed rng"),
+    (lambda s: s.pop("optimizer"), "a training state needs step, optimizer"),
+])
+def test_malformed_training_state_is_damage_not_a_traceback(tok, tmp_path, caplog, edit, message):
+    cfg = text_config(tok, tmp_path, train={"steps": 1}, checkpoint={"every": 0})
+    out = run(cfg)
+    f = checkpoints(out)[-1] / "train_state" / "state.json"
+    state = json.loads(f.read_text())
+    edit(state)
+    f.write_text(json.dumps(state))
+    with caplog.at_level(logging.WARNING, logger="llama4"):
+        with pytest.raises(ValueError, match="no intact checkpoint"):
+            Trainer(config_from_dict(cfg), resume=True)
+    assert f"state.json: {message}" in caplog.text

@@ -16,7 +16,7 @@ in the same way through `llama4.save(..., extra_files=...)`.
   3. commit: the manifest is replaced, in one atomic rename, by one that records the renames and deletions
      still to do (`commit`);
   4. the temporaries are renamed over their final names (shards first, the index and config.json last) and
-     files of earlier saves that this one does not write are deleted;
+     files of earlier saves that this one supersedes (old shards, an index, a bias file) are deleted;
   5. the manifest drops the journal.
   A reader that goes through `Snapshot` (`llama4.load`, `--resume`) sees the old set until step 3 and the
   new set from then on (a temporary stands in for its final name until renamed). Readers of final names
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import re
 import secrets
@@ -40,6 +41,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
+log = logging.getLogger("llama4")
 FileData = bytes | Callable[[BinaryIO], None]
 MANIFEST = ".llama4-save.json"
 _TMP = ".llama4-tmp-"
@@ -50,9 +52,11 @@ _WEIGHTS = re.compile(r".*\.safetensors(\.index\.json)?")
 rename_hook: Callable[[str, Path], None] | None = None
 
 
-def write_checkpoint(target: str | os.PathLike, files: Mapping[str, FileData]) -> Path:
+def write_checkpoint(target: str | os.PathLike, files: Mapping[str, FileData],
+                     supersedes: Callable[[str], bool] = lambda name: True) -> Path:
     """Write `files` as the checkpoint in directory `target`, replacing the files of earlier llama4 saves
-    there (those this save does not write are deleted) and leaving every other file alone."""
+    there, and leaving every other file alone. Files of earlier saves that this one does not write are
+    deleted where `supersedes(name)` (stale shards, an index, a bias file) and kept otherwise."""
     names = [_check_name(n) for n in files]
     root = Path(os.path.realpath(target))  # a symlinked target: write where it points
     if root.exists() and not root.is_dir():
@@ -62,7 +66,7 @@ def write_checkpoint(target: str | os.PathLike, files: Mapping[str, FileData]) -
     if not root.exists():
         _write_fresh(root, files)
     else:
-        _write_in_place(root, files, names)
+        _write_in_place(root, files, names, supersedes)
     return root
 
 
@@ -70,11 +74,15 @@ def clean_leftovers(root: Path) -> None:
     """Remove what killed saves left: staging directories beside `root`, temporaries inside it (only
     files our manifests list), and finish a committed transaction."""
     pattern = re.compile(rf"\.{re.escape(root.name)}\.llama4-(saving|trash)-(\d+)-[0-9a-f]+")
+    legacy = re.compile(rf"\.{re.escape(root.name)}\.(saving-\w{{8}}|old-\d+)")
     if root.parent.is_dir():
         for p in root.parent.iterdir():
             m = pattern.fullmatch(p.name)
             if m and p.is_dir() and not _alive(int(m.group(2))):
                 remove_tree(p)
+            elif legacy.fullmatch(p.name) and p.is_dir():
+                log.warning("%s: left by a save of an older llama4 that was interrupted; not removed, as it may "
+                            "hold your own files (tokenizer, notes): move back what you need, then delete it", p)
     if root.is_dir():
         _drop_manifest_temps(root)
         man = _read_manifest(root)
@@ -152,7 +160,8 @@ def _write_fresh(root: Path, files: Mapping[str, FileData]) -> None:
         raise
 
 
-def _write_in_place(root: Path, files: Mapping[str, FileData], names: list[str]) -> None:
+def _write_in_place(root: Path, files: Mapping[str, FileData], names: list[str],
+                    supersedes: Callable[[str], bool]) -> None:
     man = _read_manifest(root) or {"files": [], "pending": [], "commit": None}
     owned = set(man["files"])
     foreign = sorted(n for n in names if (root / n).exists() and n not in owned)
@@ -178,10 +187,12 @@ def _write_in_place(root: Path, files: Mapping[str, FileData], names: list[str])
             pass
         raise
     # Shards first, config.json last: readers of final names get the new weights before the new config.
-    order = sorted(names, key=lambda n: (n == "config.json", n.endswith(".index.json"), not n.endswith(".safetensors"), n))
-    delete = sorted(owned - set(names))
+    order = sorted(names, key=lambda n: (n == "config.json", n.endswith(".index.json"),
+                                         not n.endswith(".safetensors"), n))
+    delete = sorted(n for n in owned - set(names) if supersedes(n))
     commit = {"rename": [[temps[n], n] for n in order], "delete": delete}
-    _write_manifest(root, {"files": sorted(names), "pending": [], "commit": commit})  # the commit point
+    # The commit point: from this replace on, readers see the new set.
+    _write_manifest(root, {"files": sorted(owned - set(delete) | set(names)), "pending": [], "commit": commit})
     _finish(root, _read_manifest(root))
 
 
@@ -241,15 +252,7 @@ def _read_manifest(d: Path, strict: bool = True) -> dict | None:
         return None
     try:
         man = json.loads(f.read_text())
-        ok = isinstance(man, dict) and man.get("llama4_save") == 1 and \
-            all(isinstance(man.get(k), list) and all(isinstance(x, str) for x in man[k]) for k in ("files", "pending"))
-        commit = man.get("commit") if ok else None
-        ok = ok and (commit is None or (isinstance(commit, dict) and isinstance(commit.get("delete"), list) and
-                                        isinstance(commit.get("rename"), list) and
-                                        all(isinstance(p, list) and len(p) == 2 for p in commit["rename"])))
-        for name in (man["files"] + man["pending"] + (commit["delete"] + [x for p in commit["rename"] for x in p]
-                                                      if commit else [])) if ok else []:
-            _check_name(name)
+        ok = _valid_manifest(d, man)
     except (OSError, ValueError, UnicodeDecodeError):
         ok = False
     if ok:
@@ -258,6 +261,35 @@ def _read_manifest(d: Path, strict: bool = True) -> dict | None:
         raise ValueError(f"{f}: damaged manifest of llama4 saves; without it the files there cannot be told "
                          f"apart from others', so nothing is replaced. Save to a new directory")
     return None
+
+
+def _valid_manifest(d: Path, man) -> bool:
+    """Well formed, and naming only files inside `d` (no `..`, no absolute paths, no subdirectory that is a
+    symlink out of it) with renames only from a temporary to its own final name: a manifest planted in a
+    shared directory can neither make a save touch files elsewhere nor make a load read them."""
+    if not (isinstance(man, dict) and man.get("llama4_save") == 1 and
+            all(isinstance(man.get(k), list) and all(isinstance(x, str) for x in man[k]) for k in ("files", "pending"))):
+        return False
+    commit = man.get("commit")
+    if commit is not None:
+        if not (isinstance(commit, dict) and isinstance(commit.get("delete"), list) and
+                isinstance(commit.get("rename"), list) and
+                all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in commit["rename"])
+                and all(isinstance(x, str) for x in commit["delete"])):
+            return False
+        for tmp, final in commit["rename"]:
+            t, f = PurePosixPath(tmp), PurePosixPath(final)
+            if t.parent != f.parent or not t.name.startswith(f".{f.name}{_TMP}"):
+                return False
+    names = man["files"] + man["pending"] + (commit["delete"] + [x for p in commit["rename"] for x in p] if commit
+                                             else [])
+    base = os.path.realpath(d)
+    for name in names:
+        _check_name(name)
+        parent = os.path.realpath(os.path.join(d, os.path.dirname(name)))
+        if parent != base and not parent.startswith(base + os.sep):
+            return False
+    return True
 
 
 # Small helpers --------------------------------------------------------------------------------------------

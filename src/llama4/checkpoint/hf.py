@@ -225,13 +225,19 @@ def checkpoint_files(model: Llama4, *, max_shard_size: int | str = "5GB",
 def save(model: Llama4, path: str | os.PathLike, *, max_shard_size: int | str = "5GB",
          config_spelling: int = 4, extra_files: Mapping[str, FileData] | None = None) -> Path:
     """Write config.json + safetensors shards (+ index) in the HF layout, atomically (checkpoint/atomic.py):
-    at every instant `path` holds the complete old checkpoint or the complete new one. Files of an earlier
-    llama4 save that this one does not write are removed; files llama4 did not write are never touched (and
-    a directory with weight files it did not write is refused). `extra_files` (name -> bytes, or a function
-    writing to a file object) are written in the same transaction: tokenizer files, generation config, ..."""
+    at every instant `path` holds the complete old checkpoint or the complete new one. Weight, index, bias
+    files of an earlier llama4 save that this one does not write are removed (its other files stay); files
+    llama4 did not write are never touched (and a directory with weight files it did not write is refused).
+    `extra_files` (name -> bytes, or a function writing to a file object) are written in the same
+    transaction: tokenizer files, generation config, processor configs, ..."""
     files = checkpoint_files(model, max_shard_size=max_shard_size, config_spelling=config_spelling)
     clash = sorted(set(files) & set(extra_files or {}))
     if clash:
         raise ValueError(f"extra_files {clash}: these are written by llama4.save itself")
-    write_checkpoint(path, {**files, **(extra_files or {})})
+    write_checkpoint(path, {**files, **(extra_files or {})}, supersedes=_SUPERSEDED.fullmatch)
     return Path(path)
+
+
+# What a new save makes stale when an earlier one wrote it and this one does not (other files an earlier
+# save wrote, such as a tokenizer or training state, stay).
+_SUPERSEDED = re.compile(rf"config\.json|{re.escape(BIAS_FILE)}|[^/]*\.safetensors(\.index\.json)?")

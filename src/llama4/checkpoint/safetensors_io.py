@@ -102,7 +102,7 @@ def read_header(path: Path) -> dict[str, dict]:
                 raise ValueError(f"header length {n} is over the format's {MAX_HEADER}-byte limit")
             if n < 2 or 8 + n > size:
                 raise ValueError(f"header length {n} is past the end of the file ({size} bytes)")
-            header = json.loads(f.read(n).decode("utf-8"))
+            header = json.loads(f.read(n).decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
     if not isinstance(header, dict):
@@ -119,7 +119,8 @@ def read_header(path: Path) -> dict[str, dict]:
     end, prev = 0, None
     for begin, stop, key in sorted(spans):
         if begin != end:
-            how = f"overlaps {prev!r}" if begin < end else f"leaves {begin - end} unused bytes after {prev or 'the header'}"
+            how = f"overlaps {prev!r}" if begin < end else \
+                f"leaves {begin - end} unused bytes after {prev or 'the header'}"
             raise ValueError(f"{path}: tensor {key!r} data_offsets [{begin}, {stop}] {how}; the offsets must tile the "
                              f"data exactly, as the safetensors format requires")
         end, prev = stop, key
@@ -129,6 +130,14 @@ def read_header(path: Path) -> dict[str, dict]:
         raise ValueError(f"{path}: {data - end} bytes after the last tensor's data; the offsets must cover the "
                          f"data exactly, as the safetensors format requires")
     return header
+
+
+def _no_duplicates(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    dup = sorted({k for k in keys if keys.count(k) > 1})
+    if dup:  # json would keep the last silently; the safetensors library refuses the file
+        raise ValueError(f"key {dup[0]!r} appears twice in the header")
+    return dict(pairs)
 
 
 def _check_entry(path: Path, key: str, info) -> None:

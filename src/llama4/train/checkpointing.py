@@ -34,10 +34,11 @@ _NAME = re.compile(r"step_(\d{7})")
 _LEFTOVER = re.compile(r"\.(step_\d{7})\.llama4-(saving|trash)-.*")
 
 # Keys that may differ on --resume: they change how long the run goes and what it writes, not the steps it
-# takes. (train.steps also re-stretches the cosine schedule over the new total; loss_chunk and activation
-# checkpointing change memory, not the result beyond float summation order.)
+# takes. (train.steps also re-stretches the cosine schedule over the new total; loss_chunk, threads and
+# activation checkpointing change speed and memory, not the result beyond float summation order.)
 SAFE_TO_CHANGE = {"train.steps", "train.progress", "train.plot_every", "train.out_dir", "train.loss_chunk",
-                  "train.activation_checkpointing", "checkpoint.every", "checkpoint.keep", "data.media_cache_mb"}
+                  "train.threads", "train.activation_checkpointing", "checkpoint.every", "checkpoint.keep",
+                  "data.media_cache_mb"}
 
 
 def checkpoints(out_dir: str | Path) -> list[Path]:
@@ -124,7 +125,8 @@ def load_train_state(ckpt: Path) -> tuple[dict, dict]:
 def check_same_run(saved: dict, now: dict, ckpt: Path) -> None:
     """Refuse to resume with a configuration that differs from the checkpoint's outside SAFE_TO_CHANGE."""
     a, b = _flatten(saved), _flatten(now)
-    differ = sorted(k for k in set(a) | set(b) if a.get(k, "<unset>") != b.get(k, "<unset>") and k not in SAFE_TO_CHANGE)
+    differ = sorted(k for k in set(a) | set(b)
+                    if a.get(k, "<unset>") != b.get(k, "<unset>") and k not in SAFE_TO_CHANGE)
     if differ:
         shown = "; ".join(f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in differ)
         raise ValueError(f"--resume: {ckpt} was trained with a different configuration ({shown}). Resuming would "

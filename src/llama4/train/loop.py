@@ -227,10 +227,14 @@ class Trainer:
                                  f"{differ} (a changed tokenizer or preset?)")
             self.model.load_state_dict(weights.state_dict())
         self.balancer.load_biases(biases, str(ckpt))
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
+        try:
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
+            set_rng_state(state["rng"])
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+            raise ValueError(f"--resume: {ckpt}: its optimizer, scheduler or RNG state does not fit this run "
+                             f"({type(e).__name__}: {e})") from None
         self.data.state = dict(state["data"])
-        set_rng_state(state["rng"])
         self.step = state["step"]
         for d in damaged:
             log.warning("--resume: resuming from %s; moved the damaged %s aside to %s", ckpt.name, d.name,

@@ -43,6 +43,19 @@ def read_state(jf: Path, tf: Path) -> dict:
     state = _decode(tree, tensors, jf)
     if not isinstance(state, dict) or not {"step", "optimizer", "scheduler", "data", "rng"} <= set(state):
         raise ValueError(f"{jf}: a training state needs step, optimizer, scheduler, data and rng")
+    data, rng = state["data"], state["rng"]
+    checks = [("step", type(state["step"]) is int and state["step"] >= 0),
+              ("optimizer", isinstance(state["optimizer"], dict)
+               and {"state", "param_groups"} <= set(state["optimizer"])),
+              ("scheduler", isinstance(state["scheduler"], dict)),
+              ("data", isinstance(data, dict)
+               and all(type(data.get(k)) is int and data[k] >= 0 for k in ("epoch", "row"))),
+              ("rng", isinstance(rng, dict) and isinstance(rng.get("torch"), torch.Tensor)
+               and rng["torch"].dtype == torch.uint8 and isinstance(rng.get("python"), tuple)
+               and isinstance(rng.get("numpy"), list) and len(rng["numpy"]) == 5)]
+    bad = [name for name, ok in checks if not ok]
+    if bad:
+        raise ValueError(f"{jf}: malformed {', '.join(bad)} in the training state")
     return state
 
 
