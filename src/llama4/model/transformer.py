@@ -117,8 +117,9 @@ class Llama4(nn.Module):
         slots_BT = input_ids_BT == self.config.image_token_index
         # Check the count before running the tower: a mismatch is a prompt/tiling bug, not worth the compute.
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4:
-            raise ValueError(f"pixel_values must be tiles [N, C, S, S], got "
-                             f"{tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)}")
+            got = f"shape {tuple(pixel_values.shape)}" if isinstance(pixel_values, torch.Tensor) else \
+                type(pixel_values).__name__
+            raise ValueError(f"pixel_values must be tiles [N, C, S, S], got {got}")
         # Raw uint8 pixels are refused, not converted: the tower expects tiles normalised to [-1, 1]
         # (preprocess_image), and a silent conversion would hide a skipped preprocessing step.
         if not pixel_values.is_floating_point():
