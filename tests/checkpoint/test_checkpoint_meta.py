@@ -379,3 +379,13 @@ def test_not_a_checkpoint(tmp_path):
     (path / "consolidated.00.pth").write_bytes(b"not a zip file")
     with pytest.raises(ValueError, match=r"consolidated\.00\.pth: not a readable PyTorch checkpoint"):
         llama4.load(path)
+
+
+def test_inspect_reads_meta_directories(tmp_path, capsys):
+    from llama4.cli import main
+
+    path, model = tiny_meta_dir(tmp_path / "meta")
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    t = model.config.text
+    assert f"{t.num_hidden_layers}: " in out and f"{len(t.moe_layers)} MoE layers" in out

@@ -22,6 +22,7 @@ from ..config import Llama4Config, load_config, save_config
 from ..model import Llama4
 from ..model.moe import MoE
 from .keymap import KeyMap
+from .side_files import read_side_files, side_files
 from .safetensors_io import TORCH_DTYPES, detect_layout, dtype_of, read_into, weight_files
 
 log = logging.getLogger("llama4")
@@ -37,7 +38,9 @@ def load(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: s
     if not (root / "config.json").exists() and (root / "params.json").exists():
         from .meta import load_meta
 
-        return load_meta(root, dtype=dtype, device=device)
+        model = load_meta(root, dtype=dtype, device=device)
+        model.side_info = read_side_files(root)
+        return model
     cfg = load_config(root)
     located, headers = weight_files(root)
     multimodal = detect_layout(located, root)
@@ -95,6 +98,7 @@ def load(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: s
             read_into(file, headers[file], [(params[ours], hf_key) for ours, hf_key in items])
     model.reset_buffers()
     _load_expert_bias(model, root / "expert_bias.json")
+    model.side_info = read_side_files(root)
     return model.eval()
 
 
@@ -136,9 +140,12 @@ def _parse_size(size: int | str) -> int:
 
 
 def save(model: Llama4, path: str | os.PathLike, *, max_shard_size: int | str = "5GB",
-         config_spelling: int = 4) -> Path:
-    """Write config.json + safetensors shards (+ index) in the HF layout. The directory is assembled
-    beside the target and swapped in at the end, so an interrupted save never damages what was there."""
+         config_spelling: int = 4, tokenizer=None) -> Path:
+    """Write config.json + safetensors shards (+ index) in the HF layout, with the side files that make
+    it self-contained (tokenizer, chat template, generation and processor configs: `side_files.py`).
+    `tokenizer` (a Tokenizer or a path) defaults to the one the model was loaded with. The directory is
+    assembled beside the target and swapped in at the end, so an interrupted save never damages what
+    was there."""
     root = Path(path)
     limit = _parse_size(max_shard_size)
     tensors = state_dict_hf(model)
@@ -152,8 +159,11 @@ def save(model: Llama4, path: str | os.PathLike, *, max_shard_size: int | str = 
         shards[-1][key] = t.detach().to("cpu").contiguous()
         size += n
     root.parent.mkdir(parents=True, exist_ok=True)
+    extra = side_files(model, tokenizer)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.saving-", dir=root.parent))
     try:
+        for name, data in extra.items():
+            (tmp / name).write_bytes(data)
         save_config(model.config, tmp / "config.json", spelling=config_spelling)
         biases = {f"layers.{i}.feed_forward.expert_bias": layer.feed_forward.expert_bias_E.tolist()
                   for i, layer in enumerate(model.layers) if isinstance(layer.feed_forward, MoE)
@@ -194,7 +204,9 @@ def _swap_into_place(new: Path, target: Path) -> None:
         raise
     # Carry over side files (tokenizer, generation config, ...) that the new save does not write.
     ours = re.compile(r"(config\.json|expert_bias\.json|model\.safetensors(\.index\.json)?|"
-                      r"model-\d+-of-\d+\.safetensors)")
+                      r"model-\d+-of-\d+\.safetensors|tokenizer\.(model|json)|tokenizer_config\.json|"
+                      r"special_tokens_map\.json|chat_template\.jinja|generation_config\.json|media_config\.json|"
+                      r"preprocessor_config\.json|processor_config\.json)")
     for f in old.iterdir():
         if not ours.fullmatch(f.name) and not (target / f.name).exists():
             os.replace(f, target / f.name)

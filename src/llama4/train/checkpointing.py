@@ -75,7 +75,7 @@ def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, stat
         if hasattr(model, "lora_config"):
             save_adapter(model, staging / "adapter")
         else:
-            save(model, staging / "model")
+            save(model, staging / "model", tokenizer=tokenizer_file)  # self-contained: tokenizer and side files
             for f in (staging / "model").iterdir():
                 os.replace(f, staging / f.name)
             (staging / "model").rmdir()
