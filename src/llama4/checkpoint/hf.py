@@ -22,7 +22,7 @@ from ..config import Llama4Config, load_config, save_config
 from ..model import Llama4
 from ..model.moe import MoE
 from .keymap import KeyMap
-from .side_files import read_side_files, side_files
+from .side_files import TOKENIZER_FILES, read_side_files, side_files
 from .safetensors_io import TORCH_DTYPES, detect_layout, dtype_of, read_into, weight_files
 
 log = logging.getLogger("llama4")
@@ -204,10 +204,12 @@ def _swap_into_place(new: Path, target: Path) -> None:
         raise
     # Carry over side files (tokenizer, generation config, ...) that the new save does not write.
     ours = re.compile(r"(config\.json|expert_bias\.json|model\.safetensors(\.index\.json)?|"
-                      r"model-\d+-of-\d+\.safetensors|tokenizer\.(model|json)|tokenizer_config\.json|"
-                      r"special_tokens_map\.json|chat_template\.jinja|generation_config\.json|media_config\.json|"
-                      r"preprocessor_config\.json|processor_config\.json)")
+                      r"model-\d+-of-\d+\.safetensors)")
+    # A save that wrote a tokenizer replaces the old one whole: an old tokenizer.model beside a new
+    # tokenizer.json would be read first.
+    new_tokenizer = any((target / n).exists() for n in TOKENIZER_FILES)
     for f in old.iterdir():
-        if not ours.fullmatch(f.name) and not (target / f.name).exists():
+        if not ours.fullmatch(f.name) and not (target / f.name).exists() \
+                and not (new_tokenizer and f.name in TOKENIZER_FILES):
             os.replace(f, target / f.name)
     shutil.rmtree(old, ignore_errors=True)
