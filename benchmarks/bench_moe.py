@@ -35,7 +35,7 @@ def build(E: int, D: int, F: int, dtype: torch.dtype, seed: int = 0):
         for p in ours.parameters():
             p.normal_(0.0, D ** -0.5)
     ours = ours.to(dtype).eval()
-    ours.expert_bias_E = torch.zeros(E)
+    ours.expert_bias = torch.zeros(E)
     hf = Llama4TextMoe(Llama4TextConfig(hidden_size=D, intermediate_size=F, num_local_experts=E,
                                         num_experts_per_tok=1)).to(dtype).eval()
     # Same tensors, not copies: E = 128 expert weights are large.

@@ -18,19 +18,22 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..checkpoint.atomic import FileData, write_checkpoint
+from ..checkpoint.hf import BIAS_FILE, apply_expert_bias, read_expert_bias
+from ..checkpoint.safetensors_io import write_safetensors
 from ..checkpoint.keymap import KeyMap
 from ..model.attention import Attention
 from ..model.experts import Experts
 
+CHECKPOINT_WRAPPER_PREFIX = "._checkpoint_wrapped_module"  # what torch's checkpoint_wrapper adds to names
 ADAPTER_FILE, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
@@ -53,6 +56,8 @@ def _targets(model: nn.Module, targets: list[str], select: set[str] | None = Non
     """(module path, module, parameter name) for every weight LoRA adapts (only `select`ed keys if given)."""
     out = []
     for name, mod in model.named_modules():
+        # Activation checkpointing wraps blocks (train/loop.py); adapter keys keep the plain names.
+        name = name.replace(CHECKPOINT_WRAPPER_PREFIX, "")
         if name.startswith("vision"):
             continue
         if "attention" in targets and isinstance(mod, Attention):
@@ -143,15 +148,17 @@ def peft_config(model: nn.Module, base_model_name_or_path: str | None) -> dict:
     }
 
 
+def adapter_files(model: nn.Module, base_model_name_or_path: str | None = None) -> dict[str, FileData]:
+    """A PEFT adapter's `adapter_model.safetensors` + `adapter_config.json`, for `write_checkpoint`."""
+    state = adapter_state(model)
+    return {ADAPTER_FILE: lambda f: write_safetensors(f, state, {"format": "pt"}),
+            ADAPTER_CONFIG: json.dumps(peft_config(model, base_model_name_or_path), indent=2).encode()}
+
+
 def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: str | None = None) -> Path:
-    """A PEFT adapter in `path`: `adapter_model.safetensors` + `adapter_config.json` (temp names, then renamed)."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(adapter_state(model), str(path / f".{ADAPTER_FILE}.tmp"), metadata={"format": "pt"})
-    (path / f".{ADAPTER_CONFIG}.tmp").write_text(json.dumps(peft_config(model, base_model_name_or_path), indent=2))
-    os.replace(path / f".{ADAPTER_FILE}.tmp", path / ADAPTER_FILE)
-    os.replace(path / f".{ADAPTER_CONFIG}.tmp", path / ADAPTER_CONFIG)
-    return path
+    """A PEFT adapter in directory `path`, written atomically (checkpoint/atomic.py)."""
+    write_checkpoint(path, adapter_files(model, base_model_name_or_path))
+    return Path(path)
 
 
 def read_adapter_config(path: str | Path) -> dict:
@@ -180,11 +187,10 @@ def read_adapter_config(path: str | Path) -> dict:
     return cfg
 
 
-def _adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
-    f = path / ADAPTER_FILE
+def _adapter_tensors(f: Path) -> dict[str, torch.Tensor]:
     try:
         state = load_file(str(f))
-    except Exception as e:  # safetensors raises its own error types for a bad header
+    except (OSError, SafetensorError) as e:
         raise ValueError(f"{f}: not a readable safetensors file ({e})") from None
     # PEFT writes `...lora_A.weight`; some tools drop the adapter name differently: accept `.default.` too.
     return {k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v
@@ -195,7 +201,7 @@ def apply_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     """Attach a PEFT LoRA adapter (ours or trained elsewhere) to `model` without merging it."""
     path = Path(path)
     cfg = read_adapter_config(path)
-    state = _adapter_tensors(path)
+    state = _adapter_tensors(path / ADAPTER_FILE)
     order = tuple(p.rsplit(".", 1)[-1] for p in (cfg.get("target_parameters") or []))
     bad = [p for p in order if p not in EXPERT_PARAMS]
     if bad:
@@ -239,10 +245,11 @@ def _copy_adapter(model: nn.Module, state: dict, order: tuple[str, ...], where: 
         lora.lora_B.copy_(B)
 
 
-def load_adapter_into(model: nn.Module, path: str | Path) -> None:
-    """Copy saved adapter weights into a model that already has adapters of the same shape (resuming)."""
-    path = Path(path)
-    _copy_adapter(model, _adapter_tensors(path), EXPERT_PARAMS, path / ADAPTER_FILE)
+def load_adapter_into(model: nn.Module, path: str | Path, file: Path | None = None) -> None:
+    """Copy saved adapter weights (`file`, default `path`/adapter_model.safetensors) into a model that
+    already has adapters of the same shape (resuming)."""
+    f = Path(file) if file is not None else Path(path) / ADAPTER_FILE
+    _copy_adapter(model, _adapter_tensors(f), EXPERT_PARAMS, f)
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -262,10 +269,8 @@ def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path) -> Pat
 
     model = load(base, dtype=torch.float32)
     apply_adapter(model, adapter)
-    out = save(merge_lora(model), out)
-    # Routing biases (beside the weights): the adapter's, from its fine-tuning run, else the base's.
-    for bias in (Path(adapter) / "expert_bias.json", Path(base) / "expert_bias.json"):
-        if bias.is_file():
-            shutil.copyfile(bias, out / bias.name)
-            break
-    return out
+    # Routing biases: the adapter's, from its fine-tuning run, else the base's (which `load` applied).
+    bias = Path(adapter) / BIAS_FILE
+    if bias.is_file():
+        apply_expert_bias(model, read_expert_bias(bias), bias)
+    return save(merge_lora(model), out)
