@@ -69,9 +69,10 @@ def base(tmp_path_factory):
 
 @pytest.mark.parametrize("config,weights,message", [
     ("{not json", b"", "not valid JSON"),
-    ('[1, 2]', b"", "expected a JSON object"),
-    ('{"rank": "8", "alpha": 16, "targets": ["attention"]}', b"", "rank='8' is invalid"),
-    ('{"rank": 8, "alpha": 16, "targets": ["attention"]}', b"garbage", "not a readable safetensors file"),
+    ('[1, 2]', b"", "expected a PEFT LoRA adapter"),
+    ('{"peft_type": "LORA", "r": "8", "lora_alpha": 16}', b"", "r='8'"),
+    ('{"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}', b"garbage",
+     "not a readable safetensors file"),
 ])
 def test_merge_lora_bad_adapter(base, tmp_path, capsys, config, weights, message):
     adapter = tmp_path / "adapter"
