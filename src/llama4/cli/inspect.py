@@ -15,20 +15,7 @@ def _load_config_or_preset(spec: str):
         return preset(spec)
     path = Path(spec)
     if path.is_dir() and not (path / "config.json").exists() and (path / "params.json").exists():
-<<<<<<< HEAD
-        import json
-
-        from ..checkpoint.meta import config_from_params
-
-        f = path / "params.json"  # Meta's layout, as `load` reads it
-        try:
-            params = json.loads(f.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{f}: not valid JSON ({e})") from None
-        return config_from_params(params, str(f), vocab_size=202048)
-=======
         return _meta_config(path)
->>>>>>> main
     if path.exists():
         return load_config(spec)
     raise SystemExit(f"llama4: {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
