@@ -1,6 +1,6 @@
 """Generation side by side with transformers' `generate` on the same random checkpoint.
 
-    .venv/bin/python benchmarks/bench_generate.py decode     # tokens/s, D=512, 8 layers, 16 experts
+    .venv/bin/python benchmarks/bench_generate.py decode [--compile]  # tokens/s, D=512, 8 layers, 16 experts
     .venv/bin/python benchmarks/bench_generate.py prefill    # 32K-token prompt, tiny iRoPE model: time + peak RSS
     .venv/bin/python benchmarks/bench_generate.py long       # 256K-token prompt, ours only (transformers' mask alone
                                                              # would be 256K x 256K): time + peak RSS
@@ -11,6 +11,7 @@ Greedy decoding on both sides; the tokens are compared as well as timed.
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 import torch
@@ -42,8 +43,8 @@ def decode(a: argparse.Namespace) -> None:
     hf = Llama4ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     prompt = torch.randint(0, a.vocab, (1, a.prompt), generator=torch.Generator().manual_seed(0))
 
-    def ours_gen(n):
-        return llama4.generate(ours, prompt[0], max_new_tokens=n, stop_ids=[])
+    def ours_gen(n, compile=False):
+        return llama4.generate(ours, prompt[0], max_new_tokens=n, stop_ids=[], compile=compile)
 
     def hf_gen(n):
         out = hf.generate(prompt, do_sample=False, max_new_tokens=n, min_new_tokens=n, eos_token_id=None,
@@ -51,15 +52,26 @@ def decode(a: argparse.Namespace) -> None:
         return out[0, a.prompt:].tolist()
 
     same = ours_gen(a.new) == hf_gen(a.new)
-    t = time_interleaved({"ours_1": lambda: ours_gen(1), "ours_n": lambda: ours_gen(a.new),
-                          "hf_1": lambda: hf_gen(1), "hf_n": lambda: hf_gen(a.new)}, repeat=a.repeat)
-    tps = {k: (a.new - 1) / (t[f"{k}_n"] - t[f"{k}_1"]) for k in ("ours", "hf")}
+    fns = {"ours_1": lambda: ours_gen(1), "ours_n": lambda: ours_gen(a.new),
+           "hf_1": lambda: hf_gen(1), "hf_n": lambda: hf_gen(a.new)}
+    sides = [("llama4 eager", "ours"), ("transformers", "hf")]
+    if a.compile:
+        t0 = time.perf_counter()
+        same_compiled = ours_gen(a.new, compile=True) == ours_gen(a.new)
+        compile_s = time.perf_counter() - t0
+        fns.update({"comp_1": lambda: ours_gen(1, True), "comp_n": lambda: ours_gen(a.new, True)})
+        sides.insert(1, ("llama4 compiled", "comp"))
+    t = time_interleaved(fns, repeat=a.repeat)
+    tps = {k: (a.new - 1) / (t[f"{k}_n"] - t[f"{k}_1"]) for _, k in sides}
     print(f"decode: D={a.dim}, {a.layers} layers, {a.experts} experts (F={a.hidden}), vocab {a.vocab}, fp32; "
-          f"prompt {a.prompt}, {a.new} new tokens greedy; tokens identical: {same}")
-    print(table(["", "prefill+1 s", f"prefill+{a.new} s", "decode tok/s"],
-                [["llama4", f"{t['ours_1']:.3f}", f"{t['ours_n']:.3f}", f"{tps['ours']:.1f}"],
-                 ["transformers", f"{t['hf_1']:.3f}", f"{t['hf_n']:.3f}", f"{tps['hf']:.1f}"]]))
-    print(f"decode speedup: {tps['ours'] / tps['hf']:.2f}x (goal >= 3x)")
+          f"prompt {a.prompt}, {a.new} new tokens greedy; tokens identical to transformers: {same}")
+    if a.compile:
+        print(f"compiled decode step (torch.compile fullgraph, inductor): first call incl. compilation "
+              f"{compile_s:.1f} s; tokens identical to eager: {same_compiled}")
+    print(table(["", "prefill+1 s", f"prefill+{a.new} s", "decode tok/s", "vs transformers"],
+                [[name, f"{t[f'{k}_1']:.3f}", f"{t[f'{k}_n']:.3f}", f"{tps[k]:.1f}", f"{tps[k] / tps['hf']:.2f}x"]
+                 for name, k in sides]))
+    print(f"decode speedup (eager): {tps['ours'] / tps['hf']:.2f}x (goal >= 3x)")
 
 
 # Child processes for the memory-measured runs: load, make a prompt, time generation, print JSON.
@@ -147,6 +159,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=2048, help="attention_chunk_size (prefill, long)")
     ap.add_argument("--prefill-chunk", type=int, default=2048, help="prompt tokens per prefill step")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--compile", action="store_true", help="decode: also time generate(compile=True)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--dir", type=Path, default=Path("/tmp/llama4-bench"), help="where checkpoints are written")
     a = ap.parse_args()

@@ -35,13 +35,13 @@ def build(E: int, D: int, F: int, dtype: torch.dtype, seed: int = 0):
         for p in ours.parameters():
             p.normal_(0.0, D ** -0.5)
     ours = ours.to(dtype).eval()
-    ours.expert_bias_E = torch.zeros(E)
+    ours.expert_bias = torch.zeros(E)
     hf = Llama4TextMoe(Llama4TextConfig(hidden_size=D, intermediate_size=F, num_local_experts=E,
                                         num_experts_per_tok=1)).to(dtype).eval()
     # Same tensors, not copies: E = 128 expert weights are large.
     hf.router.weight = ours.router.weight
-    hf.experts.gate_up_proj = ours.experts.w_gate_up_EDF2
-    hf.experts.down_proj = ours.experts.w_down_EFD
+    hf.experts.gate_up_proj = ours.experts.gate_up_proj
+    hf.experts.down_proj = ours.experts.down_proj
     hf.shared_expert.gate_proj.weight = ours.shared_expert.w1.weight
     hf.shared_expert.up_proj.weight = ours.shared_expert.w3.weight
     hf.shared_expert.down_proj.weight = ours.shared_expert.w2.weight

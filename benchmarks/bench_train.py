@@ -58,7 +58,7 @@ def step_ours(a, device):
     def step(ids, labels):
         with autocast:
             h_BTD = model(ids, return_hidden=True)
-            loss = chunked_cross_entropy(h_BTD.flatten(0, 1), model.output.weight, labels.flatten())
+            loss = chunked_cross_entropy(h_BTD.flatten(0, 1), model.output, labels.flatten())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

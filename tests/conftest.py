@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
+import traceback
 from pathlib import Path
 
 import pytest
@@ -101,3 +105,40 @@ class LargestTensor(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.largest = max(self.largest, t.numel())
         return out
+
+
+def in_child(fn, kill_after_step: int | None = None, kill_after_s: float | None = None) -> tuple[int, int]:
+    """Run fn() in a forked process, SIGKILLed right after its `kill_after_step`-th rename/replace/delete
+    (checkpoint/atomic.py's `rename_hook`) or after `kill_after_s` seconds. Returns (wait status, steps made)."""
+    from llama4.checkpoint import atomic
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            os.close(r)
+            count = 0
+
+            def hook(op, path):
+                nonlocal count
+                count += 1
+                os.write(w, b".")
+                if count == kill_after_step:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            atomic.rename_hook = hook
+            fn()
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    os.close(w)
+    if kill_after_s is not None:
+        time.sleep(kill_after_s)
+        os.kill(pid, signal.SIGKILL)
+    _, status = os.waitpid(pid, 0)
+    with os.fdopen(r, "rb") as f:
+        steps = len(f.read())
+    return status, steps

@@ -85,7 +85,6 @@ def test_transformers_reads_what_we_write():
 @pytest.mark.parametrize("mutate,message", [
     (lambda t: t.update(layer_types=["full_attention"] * 48), "layer_types contradicts"),
     (lambda t: t.update(rope_parameters={"rope_type": "default", "rope_theta": 1.0}), "contradicts"),
-    (lambda t: t.update(mystery_switch=True), "unknown text config fields"),
     (lambda t: t.update(router_jitter_noise=0.1), "router_jitter_noise"),
     (lambda t: t.update(num_key_value_heads=7), "multiple of"),
     (lambda t: t.update(no_rope_layers=[1, 0]), "no_rope_layers has 2 entries"),

@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from .config_checks import ROPE_RULES, TEXT_RULES, TOP_RULES, VISION_RULES, check_fields, show_value
+
+log = logging.getLogger("llama4")
 
 ARCH_MULTIMODAL = "Llama4ForConditionalGeneration"
 ARCH_TEXT = "Llama4ForCausalLM"
@@ -53,14 +58,21 @@ class TextConfig:
     pad_token_id: int | None = 200018
 
     def __post_init__(self) -> None:
+        # Types first: `bool("false")` is True and a string iterates as characters (see config_checks).
+        check_fields(vars(self), TEXT_RULES, "invalid text config")
+        if self.rope_scaling is not None:
+            check_fields(self.rope_scaling, ROPE_RULES, "invalid text config: rope_scaling")
         n = self.num_hidden_layers
         if self.moe_layers is None:
             step = self.interleave_moe_layer_step
             self.moe_layers = list(range(step - 1, n, step)) if step > 0 else []
-        if self.no_rope_layers is None:
+        # An empty list is the default pattern, as transformers reads it (the base Scout ships `[]`).
+        if not self.no_rope_layers:
             k = self.no_rope_layer_interval
             self.no_rope_layers = [int((i + 1) % k != 0) for i in range(n)]
-        if isinstance(self.eos_token_id, int):
+        if self.eos_token_id is None:
+            self.eos_token_id = []
+        elif isinstance(self.eos_token_id, int):
             self.eos_token_id = [self.eos_token_id]
         self.moe_layers = [int(i) for i in self.moe_layers]
         self.no_rope_layers = [int(bool(v)) for v in self.no_rope_layers]
@@ -140,6 +152,7 @@ class VisionConfig:
     initializer_range: float = 0.02
 
     def __post_init__(self) -> None:
+        check_fields(vars(self), VISION_RULES, "invalid vision config")
         if self.image_size % self.patch_size:
             raise ValueError(f"invalid vision config: image_size={self.image_size} is not a multiple "
                              f"of patch_size={self.patch_size}")
@@ -245,16 +258,36 @@ def preset(name: str) -> Llama4Config:
 
 # HF config.json in and out -----------------------------------------------------------------------
 
-# Fields that change the computation but that we do not implement: refusing is better than silently
-# computing something else.
-_UNSUPPORTED_NONDEFAULT = {"router_jitter_noise": 0.0, "attention_dropout": 0.0}
-_TEXT_IGNORED = {  # bookkeeping fields with no effect on inference
+# One policy for unknown keys at every level. A key whose non-default value would change the
+# computation, and that we do not implement, is refused by name: computing something else silently is
+# worse than not loading. Any other key loads; keys we do not recognise are listed in one warning, since
+# fine-tuning tools add their own (`unsloth_version`, ...) and refusing them would lock users out.
+_UNSUPPORTED_NONDEFAULT = {
+    "text": {"router_jitter_noise": 0.0, "attention_dropout": 0.0},
+    "vision": {"attention_dropout": 0.0, "projector_dropout": 0.0, "vision_feature_layer": -1,
+               "vision_feature_select_strategy": "default"},
+}
+_BOOKKEEPING = {  # known HF fields with no effect on inference: loaded without a word
     "model_type", "torch_dtype", "dtype", "use_cache", "output_router_logits", "router_aux_loss_coef",
     "for_llm_compressor", "transformers_version", "architectures", "_name_or_path", "return_dict",
     "output_hidden_states", "output_attentions", "chunk_size_feed_forward", "is_encoder_decoder",
     "id2label", "label2id", "problem_type", "tokenizer_class", "cache_implementation", "attn_implementation",
     "_attn_implementation_autoset", "pretraining_tp", "tie_word_embeddings",
 }
+# The top level of a multimodal config; quantization_config is read by the checkpoint loader.
+_TOP_KNOWN = {"text_config", "vision_config", "image_token_index", "boi_token_index", "eoi_token_index",
+              "quantization_config"}
+
+
+def _refuse_unsupported(d: dict, level: str, where: str) -> None:
+    for k, default in _UNSUPPORTED_NONDEFAULT[level].items():
+        if k in d and d[k] is not None and d[k] != default:
+            raise ValueError(f"{where}: {k}={d[k]!r} is not supported by llama4 (expected {default!r}); "
+                             f"loading it would compute something else")
+
+
+def _unknown(d: dict, known: set[str], prefix: str) -> list[str]:
+    return [prefix + k for k in sorted(d) if k not in known and k not in _BOOKKEEPING]
 
 
 def _rope_from_hf(d: dict, where: str) -> tuple[float, dict | None]:
@@ -262,6 +295,9 @@ def _rope_from_hf(d: dict, where: str) -> tuple[float, dict | None]:
     params = d.get("rope_parameters")
     theta = d.get("rope_theta")
     scaling = d.get("rope_scaling")
+    for name, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if value is not None:
+            check_fields(value, ROPE_RULES, f"{where}: {name}")
     if params is not None:
         if theta is not None and "rope_theta" in params and float(params["rope_theta"]) != float(theta):
             raise ValueError(f"{where}: rope_theta={theta} contradicts rope_parameters.rope_theta="
@@ -278,24 +314,31 @@ def _rope_from_hf(d: dict, where: str) -> tuple[float, dict | None]:
     return float(theta if theta is not None else 500000.0), scaling
 
 
-def _text_from_hf(d: dict, where: str) -> TextConfig:
+def _section(d: Any, name: str, where: str) -> dict:
+    if not isinstance(d, dict):
+        shown = "null" if d is None else show_value(d)
+        raise ValueError(f"{where}: {name}={shown} is invalid: {name} must be an object (a table of fields)")
+    return d
+
+
+def _text_from_hf(d: dict, where: str, unknown: list[str], prefix: str = "") -> TextConfig:
     d = dict(d)
+    check_fields(d, TEXT_RULES, where)
     theta, scaling = _rope_from_hf(d, where)
     for k in ("rope_parameters", "rope_theta", "rope_scaling"):
         d.pop(k, None)
-    for k, default in _UNSUPPORTED_NONDEFAULT.items():
-        if k in d and d[k] not in (None, default):
-            raise ValueError(f"{where}: {k}={d[k]!r} is not supported (expected {default!r})")
-        d.pop(k, None)
+    _refuse_unsupported(d, "text", where)
     layer_types = d.pop("layer_types", None)
     known = {f.name for f in fields(TextConfig)}
     kwargs = {k: v for k, v in d.items() if k in known}
-    unknown = sorted(k for k in d if k not in known and k not in _TEXT_IGNORED)
-    if unknown:
-        raise ValueError(f"{where}: unknown text config fields {unknown}; refusing to guess their meaning")
+    # A text-only config is also the top level, where quantization_config may sit.
+    unknown += _unknown(d, known | set(_UNSUPPORTED_NONDEFAULT["text"]) | {"quantization_config"}, prefix)
     if "head_dim" not in kwargs or kwargs["head_dim"] is None:
         kwargs["head_dim"] = kwargs.get("hidden_size", 5120) // kwargs.get("num_attention_heads", 40)
-    cfg = TextConfig(rope_theta=theta, rope_scaling=scaling, **kwargs)
+    try:
+        cfg = TextConfig(rope_theta=theta, rope_scaling=scaling, **kwargs)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
     if layer_types is not None:
         if len(layer_types) != cfg.num_hidden_layers:
             raise ValueError(f"{where}: layer_types has {len(layer_types)} entries, expected "
@@ -309,41 +352,56 @@ def _text_from_hf(d: dict, where: str) -> TextConfig:
     return cfg
 
 
-def _vision_from_hf(d: dict, where: str) -> VisionConfig:
+def _vision_from_hf(d: dict, where: str, unknown: list[str]) -> VisionConfig:
     d = dict(d)
+    check_fields(d, VISION_RULES, where)
     params = d.pop("rope_parameters", None) or {}
+    check_fields(params, ROPE_RULES, f"{where}: rope_parameters")
     theta = d.pop("rope_theta", params.get("rope_theta", 10000.0))
+    _refuse_unsupported(d, "vision", where)
     known = {f.name for f in fields(VisionConfig)}
-    ignored = _TEXT_IGNORED | {"vision_feature_layer", "vision_feature_select_strategy", "projector_dropout",
-                               "attention_dropout", "norm_eps"}
-    unknown = sorted(k for k in d if k not in known and k not in ignored)
-    if unknown:
-        raise ValueError(f"{where}: unknown vision config fields {unknown}")
+    unknown += _unknown(d, known | set(_UNSUPPORTED_NONDEFAULT["vision"]), "vision_config.")
     kwargs = {k: v for k, v in d.items() if k in known}
-    return VisionConfig(rope_theta=float(theta), **kwargs)
+    try:
+        return VisionConfig(rope_theta=float(theta), **kwargs)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def config_from_hf(d: dict, where: str = "config.json") -> Llama4Config:
-    """Build a config from a parsed HF `config.json` (multimodal or text-only, 4.x or 5.x)."""
+    """Build a config from a parsed HF `config.json` (multimodal or text-only, 4.x or 5.x).
+
+    Every field is type- and range-checked (ValueError naming it); keys we do not recognise load with
+    one warning that lists them, unless they would change the computation (then ValueError)."""
     if not isinstance(d, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(d).__name__}")
     model_type = d.get("model_type")
     archs = d.get("architectures") or []
+    unknown: list[str] = []
     if "text_config" in d or model_type == "llama4":
         if "text_config" not in d:
             raise ValueError(f"{where}: model_type 'llama4' needs a 'text_config' section")
-        text = _text_from_hf(d["text_config"], f"{where}: text_config")
-        vision = _vision_from_hf(d["vision_config"], f"{where}: vision_config") if d.get("vision_config") else None
+        check_fields(d, TOP_RULES, where)
+        text_d = _section(d["text_config"], "text_config", where)
+        text = _text_from_hf(text_d, f"{where}: text_config", unknown, "text_config.")
+        vision = None
+        if d.get("vision_config") is not None:
+            vision = _vision_from_hf(_section(d["vision_config"], "vision_config", where),
+                                     f"{where}: vision_config", unknown)
+        unknown[:0] = _unknown(d, _TOP_KNOWN, "")
         cfg = Llama4Config(text, vision, image_token_index=d.get("image_token_index", 200092),
                            boi_token_index=d.get("boi_token_index", 200080),
                            eoi_token_index=d.get("eoi_token_index", 200081))
+        tie = d.get("tie_word_embeddings", text_d.get("tie_word_embeddings", False))
     elif model_type in ("llama4_text", None) and ("hidden_size" in d or ARCH_TEXT in archs):
-        cfg = Llama4Config(_text_from_hf(d, where), None)
+        cfg = Llama4Config(_text_from_hf(d, where, unknown), None)
+        tie = d.get("tie_word_embeddings", False)
     else:
         raise ValueError(f"{where}: not a Llama 4 config (model_type={model_type!r}, architectures={archs}); "
                          f"expected model_type 'llama4' or 'llama4_text'")
-    tie = d.get("tie_word_embeddings", d.get("text_config", {}).get("tie_word_embeddings", False))
-    cfg.text.tie_word_embeddings = bool(tie)
+    if unknown:
+        log.warning("%s: ignoring %d field(s) llama4 does not use: %s", where, len(unknown), ", ".join(unknown))
+    cfg.text.tie_word_embeddings = tie
     return cfg
 
 

@@ -12,6 +12,7 @@ from safetensors import safe_open
 
 import llama4
 from llama4.checkpoint import KeyMap
+from llama4.checkpoint.hf import ROUTING_BIAS
 from conftest import hf_model, hf_text_logits, rel_err, save_hf, small_text
 
 
@@ -82,12 +83,14 @@ def test_transformers_loads_our_multimodal_save(mm_ckpt, tmp_path):
 
 def test_key_map_both_directions():
     km = KeyMap(multimodal=True)
-    assert km.to_hf("layers.7.feed_forward.experts.w_gate_up_EDF2") == \
+    assert km.to_hf("layers.7.feed_forward.experts.gate_up_proj") == \
         "language_model.model.layers.7.feed_forward.experts.gate_up_proj"
     assert km.from_hf("vision_model.model.layers.3.mlp.fc2.bias") == "vision.layers.3.fc2.bias"
     assert km.from_hf("language_model.model.layers.x.self_attn.q_proj.weight") is None
     model = llama4.Llama4(llama4.preset("tiny"))
     for name in model.state_dict():
+        if ROUTING_BIAS.fullmatch(name):  # no HF key: saved as expert_bias.json
+            continue
         assert km.from_hf(km.to_hf(name)) == name
 
 
@@ -104,12 +107,13 @@ def test_save_keeps_existing_checkpoint_on_failure(text_ckpt, tmp_path, monkeypa
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ck, "save_file", boom)
+    monkeypatch.setattr(ck, "write_safetensors", boom)
     with pytest.raises(OSError, match="disk full"):
         llama4.save(model, target)
     after = tensors(target)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".keep")]  # no temp dirs left
+    assert sorted(p.name for p in target.iterdir() if p.name.startswith(".")) == [".llama4-save.json"]
     monkeypatch.undo()
     llama4.save(model, target)  # a successful re-save keeps side files it does not write
     assert (target / "tokenizer.json").exists()
@@ -217,15 +221,15 @@ def test_no_weights(tmp_path, text_ckpt):
 def test_expert_bias_survives_save_and_load(text_ckpt, tmp_path):
     """Loss-free balancing's routing bias has no HF field: save writes expert_bias.json, load applies it."""
     model = llama4.load(text_ckpt[0])
-    moe_layers = [l.feed_forward for l in model.layers if hasattr(l.feed_forward, "expert_bias_E")]
-    moe_layers[0].expert_bias_E = torch.tensor([5.0, 0.0, 0.0, -5.0])
+    moe_layers = [l.feed_forward for l in model.layers if hasattr(l.feed_forward, "expert_bias")]
+    moe_layers[0].expert_bias = torch.tensor([5.0, 0.0, 0.0, -5.0])
     llama4.save(model, tmp_path / "b")
     again = llama4.load(tmp_path / "b")
-    got = [l.feed_forward.expert_bias_E for l in again.layers if hasattr(l.feed_forward, "expert_bias_E")]
+    got = [l.feed_forward.expert_bias for l in again.layers if hasattr(l.feed_forward, "expert_bias")]
     assert torch.equal(got[0], torch.tensor([5.0, 0.0, 0.0, -5.0])) and not got[1].any()
     ids = torch.randint(0, 512, (1, 30))
     with torch.no_grad():
         assert torch.equal(again(ids), model(ids))
-    moe_layers[0].expert_bias_E.zero_()
+    moe_layers[0].expert_bias.zero_()
     llama4.save(model, tmp_path / "b")  # a save without biases removes the stale file
     assert not (tmp_path / "b" / "expert_bias.json").exists()

@@ -90,16 +90,19 @@ def ours_to_published(model: llama4.Llama4) -> dict[str, torch.Tensor]:
     """Our parameters in llama-models' module names, then published names: a Meta checkpoint without fairscale."""
     sd, out = model.state_dict(), {}
     cfg = model.config.text
+    buffers = {n for n, _ in model.named_buffers()}  # routing bias: no Meta key
     for name, t in sd.items():
+        if name in buffers:
+            continue
         name = name.replace("feed_forward.router.weight", "feed_forward.router_DE")
         if name.endswith("router_DE"):
             t = t.T
-        elif name.endswith("experts.w_gate_up_EDF2"):
+        elif name.endswith("experts.gate_up_proj"):
             gate, up = t.chunk(2, dim=-1)
-            out[name.replace("w_gate_up_EDF2", "w1")], out[name.replace("w_gate_up_EDF2", "w3")] = gate, up
+            out[name.replace("gate_up_proj", "w1")], out[name.replace("gate_up_proj", "w3")] = gate, up
             continue
-        elif name.endswith("experts.w_down_EFD"):
-            name = name.replace("w_down_EFD", "w2")
+        elif name.endswith("experts.down_proj"):
+            name = name.replace("down_proj", "w2")
         out[name] = t.contiguous()
     return published_names(out, set(cfg.moe_layers))
 
@@ -308,7 +311,15 @@ def test_scout_and_maverick_params_give_the_presets():
 @pytest.mark.parametrize("change, message", [
     (lambda p: p.pop("dim"), r"params\.json: required fields \['dim'\]"),
     (lambda p: p.pop("ffn_exp"), r"params\.json: MoE models need 'ffn_exp'"),
-    (lambda p: p.update(moe_args=4), r"moe_args must be an object or null, got 4"),
+    (lambda p: p.update(moe_args=4), r"moe_args=4 is invalid: expected an object, or null"),
+    # Typed field by field before any arithmetic (a string ffn_exp used to reach torch as a giant size).
+    (lambda p: p.update(ffn_exp="2"), r"params\.json: ffn_exp='2' is invalid: expected a finite number > 0"),
+    (lambda p: p.update(dim="64"), r"dim='64' is invalid: expected a positive integer"),
+    (lambda p: p.update(norm_eps=-1e-5), r"norm_eps=-1e-05 is invalid"),
+    (lambda p: p.update(use_qk_norm="false"), r"use_qk_norm='false' is invalid: expected true or false"),
+    (lambda p: p.update(nope_layer_interval=0), r"nope_layer_interval=0 is invalid"),
+    (lambda p: p["moe_args"].update(num_experts="8"), r"moe_args: num_experts='8' is invalid"),
+    (lambda p: p.update(rope_theta=float("nan")), r"rope_theta=nan is invalid"),
     (lambda p: p.update(head_dim=32), r"head_dim=32 contradicts dim // n_heads = 16"),
     (lambda p: p.update(quantization_args={"scheme": "int4_weight_int8_dynamic_activation"}), "not supported"),
     (lambda p: p.update(dim=96), r"'tok_embeddings\.weight' .* gives shape \[512, 64\] but params\.json implies "
@@ -379,3 +390,24 @@ def test_not_a_checkpoint(tmp_path):
     (path / "consolidated.00.pth").write_bytes(b"not a zip file")
     with pytest.raises(ValueError, match=r"consolidated\.00\.pth: not a readable PyTorch checkpoint"):
         llama4.load(path)
+
+
+class _Payload:
+    """Unpickling this creates a file: proof that code in the checkpoint ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_planted_pickle_in_a_meta_shard_never_runs(tmp_path):
+    path, _ = tiny_meta_dir(tmp_path / "c")
+    marker = tmp_path / "pwned"
+    sd = torch.load(path / "consolidated.00.pth", weights_only=True)
+    sd["payload"] = _Payload(str(marker))
+    torch.save(sd, path / "consolidated.00.pth")
+    with pytest.raises(ValueError, match=r"consolidated.00.pth: not a readable PyTorch checkpoint"):
+        llama4.load(path)
+    assert not marker.exists()

@@ -287,8 +287,9 @@ def test_image_prompt_equals_uncached_argmax(mm_ckpt, capsys):
 
 
 def test_chat_session_reuses_the_cached_prefix(model):
-    """Each turn equals a fresh generate; only the part not already cached is prefilled, and a prompt
-    that diverges before the local layers' current chunk resumes at that chunk's start."""
+    """Each turn equals a fresh generate; only the part not already cached is prefilled; a prompt that
+    diverges inside a chunk the local layers still hold (their spare slots) reuses everything before
+    it, and one that diverges in a chunk they no longer hold resumes at that chunk's start."""
     from llama4.generation import ChatSession
 
     session = ChatSession(model, 400)
@@ -296,14 +297,17 @@ def test_chat_session_reuses_the_cached_prefix(model):
     turn1 = _prompt(40, 11)
     out1 = session.generate(turn1, **kw)
     assert out1 == llama4.generate(model, turn1, **kw) and session.reused == 0
-    turn2 = turn1 + out1 + _prompt(20, 12)  # the whole history, then new tokens
+    turn2 = turn1 + out1 + _prompt(130, 12)  # the whole history, then new tokens
     out2 = session.generate(turn2, **kw)
     assert out2 == llama4.generate(model, turn2, **kw)
     assert session.reused == len(turn1) + len(out1) - 1  # the last sampled token was never fed
     assert session.ids == turn2 + out2[:-1]
-    turn3 = turn2[:50] + _prompt(15, 13)  # diverges at 50: before the local layers' chunk [64, 96)
+    turn3 = turn2[:50] + _prompt(15, 13)  # diverges at 50: chunk [32, 64) is long gone from the local layers
     out3 = session.generate(turn3, **kw)
     assert out3 == llama4.generate(model, turn3, **kw) and session.reused == 32
+    turn4 = turn3[:60] + _prompt(5, 15)  # diverges at 60, which the store still holds
+    out4 = session.generate(turn4, **kw)
+    assert out4 == llama4.generate(model, turn4, **kw) and session.reused == 60
     stream = session.generate_stream(turn3 + out3, **kw)
     assert next(stream) == llama4.generate(model, turn3 + out3, **kw)[0]
     with pytest.raises(ValueError, match="max_context"):

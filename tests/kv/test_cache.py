@@ -9,7 +9,7 @@ import torch
 import llama4
 from conftest import rel_err, small_text
 from llama4.accounting import kv_cache_bytes
-from llama4.kv.contiguous import cache_rows, keep_rows, make_cache
+from llama4.kv import make_cache
 
 C = 32  # small_text's attention_chunk_size
 
@@ -69,13 +69,17 @@ def test_local_caches_hold_one_chunk_global_caches_everything(model):
         model(ids[:, :1], start_pos=T, cache=cache)
     kinds = [cfg.is_chunked(i) for i in range(cfg.num_hidden_layers)]
     assert True in kinds and False in kinds
-    for chunked, c in zip(kinds, cache):
+    for layer, chunked in enumerate(kinds):
+        k = cache.k[layer]
+        slots = cache.slot_pos[cache.caps[layer]][0]
         if chunked:
-            assert c.k_BKSD.shape[2] == C and c.v_BKSD.shape[2] == C  # the buffer itself is one chunk
-            assert int(c.length_B[0]) == (T % C) + 1 and int(c.start_B[0]) == T - T % C
+            assert k.shape[2] == C and cache.v[layer].shape[2] == C  # the buffer itself is one chunk
+            held = sorted(p for p in slots.tolist() if p >= T - T % C)
+            assert held == list(range(T - T % C, T + 1))  # the current chunk, nothing older is visible
         else:
-            assert c.k_BKSD.shape[2] == T + 4
-            assert int(c.start_B[0]) == 0 and int(c.length_B[0]) == T + 1
+            assert k.shape[2] == T + 4
+            assert sorted(p for p in slots.tolist() if p >= 0) == list(range(T + 1))
+    assert cache.length(0) == T + 1
 
 
 def test_per_row_positions_match_each_row_alone(model):
@@ -87,7 +91,7 @@ def test_per_row_positions_match_each_row_alone(model):
     got = [[] for _ in lens]
     with torch.no_grad():
         for b, n in enumerate(lens):
-            model(seq[b:b + 1, :n], start_pos=0, cache=cache_rows(cache, b))
+            model(seq[b:b + 1, :n], cache=cache, step=cache.plan([(b, n)]))
         for step in range(6):
             pos = torch.tensor([n + step for n in lens])
             logits = model(seq[torch.arange(len(lens)), pos][:, None], start_pos=pos, cache=cache)
@@ -98,17 +102,25 @@ def test_per_row_positions_match_each_row_alone(model):
             assert rel_err(torch.stack(got[b]), alone) <= 1e-5, b
 
 
-def test_keep_rows_drops_finished_rows(model):
+def test_removed_rows_cost_nothing_and_do_not_leak(model):
+    """A finished row leaves the store without copying anyone's buffer; a new sequence in its slot
+    sees none of the old keys."""
     cfg = model.config.text
     seq = torch.randint(0, 512, (3, 40), generator=torch.Generator().manual_seed(3))
     cache = make_cache(cfg, 3, 40)
     with torch.no_grad():
         model(seq[:, :30], start_pos=0, cache=cache)
-        cache = keep_rows(cache, [2, 0])
-        assert cache[0].k_BKSD.shape[0] == 2
-        step = model(seq[[2, 0], 30:31], start_pos=30, cache=cache)[:, 0]
+        buffers = [k.data_ptr() for k in cache.k]
+        cache.remove(1)
+        step = cache.plan([(2, 1), (0, 1)])
+        got = model(seq[[2, 0], 30:31].reshape(1, 2), cache=cache, step=step)[0]
+        assert [k.data_ptr() for k in cache.k] == buffers
         alone = model(seq[[2, 0], :31])[:, -1]
-    assert rel_err(step, alone) <= 1e-5
+        assert rel_err(got, alone) <= 1e-5
+        new = cache.add()
+        assert new == 1 and cache.length(1) == 0
+        fresh = model(seq[1:2, 30:35], cache=cache, step=cache.plan([(1, 5)]))
+        assert rel_err(fresh, model(seq[1:2, 30:35])) <= 1e-5
 
 
 def test_cache_misuse_is_a_clear_error(model):
@@ -119,20 +131,27 @@ def test_cache_misuse_is_a_clear_error(model):
         model(ids, start_pos=0, cache=cache)
         with pytest.raises(ValueError, match="expects positions"):
             model(ids[:, :1], start_pos=5, cache=cache)
-        with pytest.raises(ValueError, match="KV cache full"):
+        with pytest.raises(ValueError, match="KV store full"):
             model(ids[:, :3], start_pos=10, cache=cache)
-        with pytest.raises(ValueError, match="one token per row"):
-            model(ids[:, :2], start_pos=torch.tensor([10, 10]), cache=cache)
+        with pytest.raises(ValueError, match="packed documents"):
+            model(ids[:, :1], cache=cache, doc_pos=torch.zeros(2, 1, dtype=torch.long))
+        with pytest.raises(ValueError, match="appears twice"):
+            cache.plan([(0, 1), (0, 1)])
+        with pytest.raises(ValueError, match="not in this KV store"):
+            cache.plan([(7, 1)])
+        with pytest.raises(ValueError, match="per-row positions need a KV cache"):
+            model(ids, start_pos=torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="max_len"):
         make_cache(cfg, 1, 0)
+    with pytest.raises(ValueError, match="store full: all 2"):
+        cache.add()
     long_cache = make_cache(cfg, 1, 3 * C)
     with torch.no_grad():
         model(ids[:1].repeat(1, 5), start_pos=0, cache=long_cache)  # 50 positions: local chunk [32, 64)
-    local = next(c for c in long_cache if c.chunk is not None)
-    with pytest.raises(ValueError, match="chunk start"):
-        local.truncate(20)
-    local.truncate(0)
-    assert local.next_pos() == [0]
+    with pytest.raises(ValueError, match="start of chunk 0"):
+        long_cache.rollback(0, 30)  # back to 20: chunk [0, 32) is gone
+    long_cache.rollback(0, 50)
+    assert long_cache.length(0) == 0
 
 
 @pytest.mark.parametrize("context", [10, C, 5 * C + 3])
@@ -140,9 +159,8 @@ def test_kv_cache_bytes_matches_allocation(context):
     """The figure `llama4 inspect` prints is what make_cache really allocates, split by layer kind."""
     cfg = small_text(num_hidden_layers=8)
     cache = make_cache(cfg.text, 1, context, torch.bfloat16)
-    local = sum(c.nbytes() for c in cache if c.chunk is not None)
-    glob = sum(c.nbytes() for c in cache if c.chunk is None)
-    assert kv_cache_bytes(cfg, context, 2) == {"local": local, "global": glob, "total": local + glob}
+    by_kind = cache.nbytes_by_kind()
+    assert kv_cache_bytes(cfg, context, 2) == {**by_kind, "total": cache.nbytes()}
 
 
 def test_inspect_scout_10m_split(capsys):
@@ -158,13 +176,13 @@ def test_inspect_scout_10m_split(capsys):
 @pytest.mark.parametrize("causal", [False, True])
 def test_blocked_lse_attention_equals_fused(causal):
     """The portable path (devices without the CPU kernel) gives the fused kernel's output and lse."""
-    from llama4.model.attention import _sdpa_lse, sdpa_lse_blocked
+    from llama4.model.backends import sdpa_lse, sdpa_lse_blocked
 
     g = torch.Generator().manual_seed(4)
     q = torch.randn(2, 4, 37, 16, generator=g)
     S = 37 if causal else 100
     k, v = torch.randn(2, 4, S, 16, generator=g), torch.randn(2, 4, S, 16, generator=g)
-    out, lse = _sdpa_lse(q, k, v, causal)
+    out, lse = sdpa_lse(q, k, v, causal)
     for block in (7, 64, 4096):
         out_b, lse_b = sdpa_lse_blocked(q, k, v, causal, block=block)
         assert rel_err(out_b, out) <= 1e-5 and rel_err(lse_b, lse) <= 1e-5

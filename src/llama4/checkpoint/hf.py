@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints: one declarative key map, streamed loading, sharded atomic saving.
+"""Hugging Face checkpoints: one declarative key map, streamed loading, sharded atomic saving (atomic.py).
 
 `load` reads config.json and the safetensors headers first, checks every key and shape against a
 model built on the meta device, and only then allocates and streams each tensor (memory-mapped)
@@ -9,37 +9,63 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
-import shutil
-import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from ..config import Llama4Config, load_config, save_config
+from ..config import config_to_hf, load_config
 from ..model import Llama4
 from ..model.moe import MoE
+from ..model.quantize import quantize_model
+from .atomic import FileData, Snapshot, write_checkpoint
 from .keymap import KeyMap
-from .safetensors_io import TORCH_DTYPES, detect_layout, dtype_of, read_into, weight_files
+from .safetensors_io import INDEX, TORCH_DTYPES, detect_layout, dtype_of, read_into, weight_files, write_safetensors
+
+BIAS_FILE = "expert_bias.json"
 
 log = logging.getLogger("llama4")
+# MoE routing-bias buffers: in our state_dict, in no HF key (written to expert_bias.json instead).
+ROUTING_BIAS = re.compile(r"layers\.(\d+)\.feed_forward\.expert_bias")
 
 # Loading ------------------------------------------------------------------------------------------
 
-def load(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Llama4:
+def load(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+         quantize: str | None = None, quantize_only: str = "experts") -> Llama4:
     """Load an HF Llama 4 checkpoint directory (multimodal or text-only, one file or sharded), or
-    Meta's original format (`params.json` + `consolidated.*.pth`)."""
+    Meta's original format (`params.json` + `consolidated.*.pth`).
+
+    Quantized checkpoints (compressed-tensors, fbgemm_fp8, Meta's fp8_mixed / int4_mixed) load as
+    they are; `quantize="int8" | "int4" | "int4-g64" | "fp8"` quantizes a float checkpoint's experts
+    (`quantize_only="all"`: and its linears) tensor by tensor while reading."""
+    from . import quantized
+
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: checkpoint directory does not exist")
     if not (root / "config.json").exists() and (root / "params.json").exists():
         from .meta import load_meta
+        from .meta_quantized import load_meta_quantized, meta_quantization
 
-        return load_meta(root, dtype=dtype, device=device)
-    cfg = load_config(root)
-    located, headers = weight_files(root)
+        if meta_quantization(root):
+            return load_meta_quantized(root, dtype=dtype, device=device)
+        model = load_meta(root, dtype=dtype, device=device)
+        return quantize_model(model, quantize, quantize_only) if quantize else model
+    qcfg = quantized.quantization_config(root)
+    if qcfg is not None:
+        if quantize:
+            raise ValueError(f"{root}: already quantized ({qcfg.get('quant_method')}); load it without quantize=")
+        return quantized.load_published(root, qcfg, dtype=dtype, device=device)
+    snap = Snapshot(root)  # the consistent set of files, also while a save into `root` is renaming
+    config = snap.file("config.json")
+    if config is None:
+        raise FileNotFoundError(f"{root / 'config.json'}: no config.json (expected an HF checkpoint directory "
+                                f"with config.json)")
+    cfg = load_config(config)
+    located, headers = weight_files(root, snap)
     multimodal = detect_layout(located, root)
     if multimodal and cfg.vision is None:
         raise ValueError(f"{root}: the weights are multimodal (language_model.* keys) but config.json has no "
@@ -51,7 +77,9 @@ def load(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: s
 
     with torch.device("meta"):
         model = Llama4(cfg)
-    expected = dict(model.state_dict(keep_vars=True))
+    # The routing bias is state_dict state that the HF layout has no key for: it comes from
+    # expert_bias.json (zero without one), never from the weight files.
+    expected = {k: v for k, v in model.state_dict(keep_vars=True).items() if not ROUTING_BIAS.fullmatch(k)}
     if cfg.text.tie_word_embeddings:
         expected.pop("output.weight", None)
 
@@ -83,7 +111,9 @@ def load(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: s
     if dtype is None:
         first = plan[0]
         dtype = dtype_of(headers[first[2]][first[1]]["dtype"])
-    model = model.to(dtype=dtype).to_empty(device=device)
+    model = model.to(dtype=dtype)
+    sinks = quantized.prepare_quantized(model, quantize, quantize_only, device) if quantize else {}
+    model = model.to_empty(device=device)
     if cfg.text.tie_word_embeddings:
         model.output.weight = model.tok_embeddings.weight
     params = dict(model.state_dict(keep_vars=True))
@@ -92,25 +122,44 @@ def load(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: s
         by_file.setdefault(file, []).append((ours, hf_key))
     with torch.no_grad():
         for file, items in by_file.items():
-            read_into(file, headers[file], [(params[ours], hf_key) for ours, hf_key in items])
+            read_into(file, headers[file], [(params[ours], hf_key) for ours, hf_key in items if ours not in sinks])
+            for ours, hf_key in items:  # quantized one tensor at a time: never the whole float model
+                if ours in sinks:
+                    sinks[ours](quantized.read_tensor(file, headers[file], hf_key))
     model.reset_buffers()
-    _load_expert_bias(model, root / "expert_bias.json")
+    bias = snap.file(BIAS_FILE)
+    if bias is not None:
+        apply_expert_bias(model, read_expert_bias(bias), bias)
     return model.eval()
 
 
-def _load_expert_bias(model: Llama4, f: Path) -> None:
-    """Routing biases of auxiliary-loss-free balancing, which `llama4 train` writes beside the weights
-    (the HF format has no field for them): {"layers.{i}.feed_forward.expert_bias": [E floats]}."""
-    if not f.is_file():
-        return
-    for key, values in json.loads(f.read_text()).items():
-        m = re.fullmatch(r"layers\.(\d+)\.feed_forward\.expert_bias", key)
-        moe = getattr(model.layers[int(m.group(1))], "feed_forward", None) \
-            if m and int(m.group(1)) < len(model.layers) else None
-        if not hasattr(moe, "expert_bias_E") or len(values) != moe.n_experts:
+def read_expert_bias(f: Path) -> dict[str, list[float]]:
+    """Routing biases of auxiliary-loss-free balancing, which `llama4 train` and `save` write beside the
+    weights (the HF format has no field for them): {"layers.{i}.feed_forward.expert_bias": [E floats]}."""
+    try:
+        d = json.loads(Path(f).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{f}: not a readable expert-bias file ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{f}: expected an object of 'layers.N.feed_forward.expert_bias' -> list of numbers, "
+                         f"got a JSON {type(d).__name__}")
+    for key, values in d.items():
+        if not re.fullmatch(r"layers\.(\d+)\.feed_forward\.expert_bias", key):
+            raise ValueError(f"{f}: key {key!r} is not of the form 'layers.N.feed_forward.expert_bias'")
+        if not isinstance(values, list) or not all(type(v) in (int, float) and math.isfinite(v) for v in values):
+            raise ValueError(f"{f}: {key!r} must be a list of finite numbers, got {values!r:.80}")
+    return d
+
+
+def apply_expert_bias(model: Llama4, biases: dict[str, list[float]], f: Path | str) -> None:
+    for key, values in biases.items():
+        i = int(key.split(".")[1])
+        moe = getattr(model.layers[i], "feed_forward", None) if i < len(model.layers) else None
+        if not hasattr(moe, "expert_bias") or len(values) != moe.n_experts:
             raise ValueError(f"{f}: {key!r} does not name an MoE layer's {getattr(moe, 'n_experts', '?')} "
                              f"expert biases (got {len(values)} values)")
-        moe.expert_bias_E = torch.tensor(values, dtype=torch.float32, device=moe.expert_bias_E.device)
+        with torch.no_grad():
+            moe.expert_bias.copy_(torch.tensor(values, dtype=torch.float32))
 
 
 # Saving -------------------------------------------------------------------------------------------
@@ -120,27 +169,28 @@ def state_dict_hf(model: Llama4) -> dict[str, torch.Tensor]:
     keymap = KeyMap(cfg.vision is not None)
     out = {}
     for name, t in model.state_dict().items():
-        if name == "output.weight" and cfg.text.tie_word_embeddings:
-            continue
+        if name == "output.weight" and cfg.text.tie_word_embeddings or ROUTING_BIAS.fullmatch(name):
+            continue  # the routing bias goes to expert_bias.json (no HF key carries it)
         out[keymap.to_hf(name)] = t
     return out
 
 
-def _parse_size(size: int | str) -> int:
+def parse_size(size: int | str) -> int:
     if isinstance(size, int):
         return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)I?B\s*", size.upper())
-    if not m:
-        raise ValueError(f"max_shard_size={size!r}: expected bytes or a string like '5GB' or '500MB'")
-    return int(float(m.group(1)) * 1000 ** " KMGT".index(m.group(2) or " "))
+    # As transformers reads them: "5GB" is 5 * 10**9 bytes, "5GiB" is 5 * 2**30.
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B\s*", size.upper())
+    if not m or (m.group(3) and not m.group(2)):
+        raise ValueError(f"max_shard_size={size!r}: expected bytes or a string like '5GB', '5GiB' or '500MB'")
+    base = 1024 if m.group(3) else 1000
+    return int(float(m.group(1)) * base ** " KMGT".index(m.group(2) or " "))
 
 
-def save(model: Llama4, path: str | os.PathLike, *, max_shard_size: int | str = "5GB",
-         config_spelling: int = 4) -> Path:
-    """Write config.json + safetensors shards (+ index) in the HF layout. The directory is assembled
-    beside the target and swapped in at the end, so an interrupted save never damages what was there."""
-    root = Path(path)
-    limit = _parse_size(max_shard_size)
+def checkpoint_files(model: Llama4, *, max_shard_size: int | str = "5GB",
+                     config_spelling: int = 4) -> dict[str, FileData]:
+    """The files of an HF checkpoint of `model`, name -> bytes or writer: config.json, the safetensors
+    weights (one file, or shards + index), and expert_bias.json when the routing biases are not all zero."""
+    limit = parse_size(max_shard_size)
     tensors = state_dict_hf(model)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -149,53 +199,45 @@ def save(model: Llama4, path: str | os.PathLike, *, max_shard_size: int | str = 
         if shards[-1] and size + n > limit:
             shards.append({})
             size = 0
-        shards[-1][key] = t.detach().to("cpu").contiguous()
+        shards[-1][key] = t
         size += n
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.saving-", dir=root.parent))
-    try:
-        save_config(model.config, tmp / "config.json", spelling=config_spelling)
-        biases = {f"layers.{i}.feed_forward.expert_bias": layer.feed_forward.expert_bias_E.tolist()
-                  for i, layer in enumerate(model.layers) if isinstance(layer.feed_forward, MoE)
-                  and layer.feed_forward.expert_bias_E.any()}
-        if biases:  # routing state from loss-free balancing; `load` applies it
-            (tmp / "expert_bias.json").write_text(json.dumps(biases))
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for n, shard in enumerate(shards, 1):
-                name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / name), metadata={"format": "pt"})
-                weight_map.update({k: name for k in shard})
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
-            (tmp / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        _swap_into_place(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return root
+    files: dict[str, FileData] = {}
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        files["model.safetensors"] = lambda f, s=shards[0]: write_safetensors(f, s, meta)
+    else:
+        weight_map = {}
+        for n, shard in enumerate(shards, 1):
+            name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+            files[name] = lambda f, s=shard: write_safetensors(f, s, meta)
+            weight_map.update({k: name for k in shard})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        files[INDEX] = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2).encode()
+    files["config.json"] = (json.dumps(config_to_hf(model.config, config_spelling), indent=2) + "\n").encode()
+    biases = {f"layers.{i}.feed_forward.expert_bias": layer.feed_forward.expert_bias.tolist()
+              for i, layer in enumerate(model.layers) if isinstance(layer.feed_forward, MoE)
+              and layer.feed_forward.expert_bias.any()}
+    if biases:  # routing state from loss-free balancing; `load` applies it
+        files[BIAS_FILE] = json.dumps(biases).encode()
+    return files
 
 
-def _swap_into_place(new: Path, target: Path) -> None:
-    """Replace `target` with `new`; files in an existing target that are not ours are kept."""
-    if not target.exists():
-        os.replace(new, target)
-        return
-    if not target.is_dir():
-        raise ValueError(f"{target}: exists and is not a directory")
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
-    os.replace(target, old)
-    try:
-        os.replace(new, target)
-    except BaseException:
-        os.replace(old, target)
-        raise
-    # Carry over side files (tokenizer, generation config, ...) that the new save does not write.
-    ours = re.compile(r"(config\.json|expert_bias\.json|model\.safetensors(\.index\.json)?|"
-                      r"model-\d+-of-\d+\.safetensors)")
-    for f in old.iterdir():
-        if not ours.fullmatch(f.name) and not (target / f.name).exists():
-            os.replace(f, target / f.name)
-    shutil.rmtree(old, ignore_errors=True)
+def save(model: Llama4, path: str | os.PathLike, *, max_shard_size: int | str = "5GB",
+         config_spelling: int = 4, extra_files: Mapping[str, FileData] | None = None) -> Path:
+    """Write config.json + safetensors shards (+ index) in the HF layout, atomically (checkpoint/atomic.py):
+    at every instant `path` holds the complete old checkpoint or the complete new one. Weight, index, bias
+    files of an earlier llama4 save that this one does not write are removed (its other files stay); files
+    llama4 did not write are never touched (and a directory with weight files it did not write is refused).
+    `extra_files` (name -> bytes, or a function writing to a file object) are written in the same
+    transaction: tokenizer files, generation config, processor configs, ..."""
+    files = checkpoint_files(model, max_shard_size=max_shard_size, config_spelling=config_spelling)
+    clash = sorted(set(files) & set(extra_files or {}))
+    if clash:
+        raise ValueError(f"extra_files {clash}: these are written by llama4.save itself")
+    write_checkpoint(path, {**files, **(extra_files or {})}, supersedes=_SUPERSEDED.fullmatch)
+    return Path(path)
+
+
+# What a new save makes stale when an earlier one wrote it and this one does not (other files an earlier
+# save wrote, such as a tokenizer or training state, stay).
+_SUPERSEDED = re.compile(rf"config\.json|{re.escape(BIAS_FILE)}|[^/]*\.safetensors(\.index\.json)?")

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 
 from ..config import Llama4Config, TextConfig, VisionConfig
+from ..config_checks import (BOOL, BOOL_OR_INT, DICT, NUMBER, POS_INT, POS_NUMBER, RATIO, Rule, check_fields,
+                             is_int, optional)
 from ..model import Llama4
 from .keymap import compile_template
 
@@ -54,12 +56,12 @@ TEXT_RULES = [
     (_L + "ffn_norm.weight", _L + "ffn_norm.weight", "rep"),
     # MoE
     (_FF + "router.weight", _FF + "router_DE", "rep_T"),
-    (_FF + "experts.w_gate_up_EDF2", _FF + "experts.moe_w_in_eD_F", "eDF_gate"),
-    (_FF + "experts.w_gate_up_EDF2", _FF + "experts.moe_w_swiglu_eD_F", "eDF_up"),
-    (_FF + "experts.w_down_EFD", _FF + "experts.moe_w_out_eF_D", "eFD"),
-    (_FF + "experts.w_gate_up_EDF2", _FF + "experts.w1", "eDF_gate"),
-    (_FF + "experts.w_gate_up_EDF2", _FF + "experts.w3", "eDF_up"),
-    (_FF + "experts.w_down_EFD", _FF + "experts.w2", "eFD"),
+    (_FF + "experts.gate_up_proj", _FF + "experts.moe_w_in_eD_F", "eDF_gate"),
+    (_FF + "experts.gate_up_proj", _FF + "experts.moe_w_swiglu_eD_F", "eDF_up"),
+    (_FF + "experts.down_proj", _FF + "experts.moe_w_out_eF_D", "eFD"),
+    (_FF + "experts.gate_up_proj", _FF + "experts.w1", "eDF_gate"),
+    (_FF + "experts.gate_up_proj", _FF + "experts.w3", "eDF_up"),
+    (_FF + "experts.down_proj", _FF + "experts.w2", "eFD"),
     (_FF + "shared_expert.w1.weight", _FF + "w_in_shared_FD.weight", "col"),
     (_FF + "shared_expert.w3.weight", _FF + "w_swiglu_FD.weight", "col"),
     (_FF + "shared_expert.w2.weight", _FF + "w_out_shared_DF.weight", "row"),
@@ -112,6 +114,43 @@ _MODEL_ARGS = {"dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab_si
                "quantization_args", "lora_args", "max_batch_size", "max_seq_len"}
 
 
+# llama-models' pydantic ModelArgs types, checked before any arithmetic: `ffn_exp: "2"` would otherwise
+# repeat a string `dim` times and size a tensor from it.
+_PARAM_RULES = {
+    "dim": POS_INT, "n_layers": POS_INT, "n_heads": POS_INT, "n_kv_heads": optional(POS_INT),
+    "head_dim": optional(POS_INT),
+    "vocab_size": optional(Rule("a positive integer, or -1 (ask the tokenizer)", lambda v: is_int(v) and (v > 0 or v == -1))),
+    "multiple_of": POS_INT, "ffn_dim_multiplier": optional(POS_NUMBER), "ffn_exp": optional(POS_NUMBER),
+    "norm_eps": POS_NUMBER, "attention_chunk_size": optional(POS_INT), "rope_theta": POS_NUMBER,
+    "use_scaled_rope": BOOL, "rope_scaling_factor": optional(POS_NUMBER), "rope_high_freq_factor": optional(POS_NUMBER),
+    "nope_layer_interval": optional(POS_INT), "use_qk_norm": BOOL, "attn_temperature_tuning": BOOL_OR_INT,
+    "floor_scale": POS_NUMBER, "attn_scale": NUMBER, "max_batch_size": POS_INT, "max_seq_len": POS_INT,
+    **{name: optional(DICT) for name in ("moe_args", "vision_args", "quantization_args", "lora_args")},
+}
+_MOE_RULES = {"num_experts": POS_INT, "capacity_factor": POS_NUMBER, "auto_scale_F": BOOL, "top_k": POS_INT,
+              "interleave_moe_layer_step": POS_INT}
+_VISION_RULES = {"dim": POS_INT, "n_layers": POS_INT, "n_heads": POS_INT, "mlp_ratio": POS_NUMBER,
+                 "output_dim": POS_INT, "pixel_shuffle_ratio": RATIO}
+
+
+def check_params(params: dict, where: str = "params.json") -> dict:
+    """Type- and range-check Meta's params.json field by field; returns the model arguments."""
+    if not isinstance(params, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(params).__name__}")
+    p = params.get("model", params)  # some releases nest the arguments under "model"
+    if not isinstance(p, dict):
+        raise ValueError(f"{where}: model must be an object of model arguments, got {type(p).__name__}")
+    missing = [k for k in ("dim", "n_layers", "n_heads") if k not in p]
+    if missing:
+        raise ValueError(f"{where}: required fields {missing} are missing")
+    check_fields(p, _PARAM_RULES, where)
+    if p.get("moe_args"):
+        check_fields(p["moe_args"], _MOE_RULES, f"{where}: moe_args")
+    if p.get("vision_args"):
+        check_fields(p["vision_args"], _VISION_RULES, f"{where}: vision_args")
+    return p
+
+
 def _dense_hidden(p: dict) -> int:
     """The dense FFN width, exactly as llama-models' TransformerBlock computes it (ffn_exp is not used)."""
     hidden = int(2 * int(4 * p["dim"]) / 3)
@@ -153,8 +192,9 @@ def _vision_from_params(v: dict, where: str) -> VisionConfig:
     sizes = {}
     for name in ("image_size", "patch_size"):
         s = v[name]
-        if not isinstance(s, dict) or s.get("height") != s.get("width") or s.get("height") is None:
-            raise ValueError(f"{where}: vision_args.{name}={s!r}: expected a square {{height, width}}")
+        if not isinstance(s, dict) or s.get("height") != s.get("width") or not POS_INT.ok(s.get("height")):
+            raise ValueError(f"{where}: vision_args.{name}={s!r}: expected a square {{height, width}} of "
+                             f"positive integers")
         sizes[name] = int(s["height"])
     mlp = int(v["mlp_ratio"] * v["dim"])
     shuffled = int(v["dim"] // v["pixel_shuffle_ratio"] ** 2)
@@ -172,18 +212,10 @@ def _vision_from_params(v: dict, where: str) -> VisionConfig:
 def config_from_params(params: dict, where: str = "params.json", vocab_size: int | None = None) -> Llama4Config:
     """Our config from Meta's `params.json` (llama-models' ModelArgs). `vocab_size` is used when the
     file leaves it out or gives -1 (llama-models then asks the tokenizer)."""
-    if not isinstance(params, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(params).__name__}")
-    p = params.get("model", params)  # some releases nest the arguments under "model"
-    missing = [k for k in ("dim", "n_layers", "n_heads") if not isinstance(p.get(k), int) or p[k] <= 0]
-    if missing:
-        raise ValueError(f"{where}: required fields {missing} are missing or not positive integers")
+    p = check_params(params, where)
     unknown = sorted(set(p) - _MODEL_ARGS)
     if unknown:  # llama-models ignores them too
         log.warning("%s: ignoring fields unknown to llama-models' ModelArgs: %s", where, unknown)
-    for name in ("moe_args", "vision_args", "quantization_args", "lora_args"):
-        if p.get(name) is not None and not isinstance(p[name], dict):
-            raise ValueError(f"{where}: {name} must be an object or null, got {p[name]!r}")
     for name in ("quantization_args", "lora_args"):
         extra = p.get(name)
         if extra and (name == "lora_args" or extra.get("scheme")):
@@ -319,7 +351,10 @@ def _plan(model: Llama4, keys: set[str], root: Path) -> list[tuple[str, str, str
     rules = TEXT_RULES + (VISION_RULES if model.vision is not None else [])
     compiled = [(compile_template(o), m, k) for o, m, k in rules]
     plan, missing = [], []
+    buffers = {name for name, _ in model.named_buffers()}  # routing state: Meta's format has none
     for name in model.state_dict():
+        if name in buffers:
+            continue
         found: dict[bool, tuple[str, str]] = {}  # slot (is-up-half?) -> (meta key, kind)
         wanted: dict[bool, str] = {}
         for pattern, meta, kind in compiled:
@@ -356,6 +391,7 @@ def load_meta(root: str | Path, *, dtype: torch.dtype | None = None, device: str
         params = json.loads(params_file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{params_file}: not valid JSON ({e})") from None
+    check_params(params, str(params_file))  # before any shard is read
     files = _shard_files(root)
     shards = [_read_shard(f) for f in files]
     for f, sd in zip(files[1:], shards[1:]):

@@ -14,12 +14,13 @@ from .demo import add_demo
 from .eval import add_eval
 from .generate import add_chat, add_generate
 from .inspect import add_inspect
+from .quantize import add_quantize
 from .tokenizer import add_tokenizer
 from .train import add_train
 
 
 # Each entry adds one subcommand; features append theirs here.
-_COMMANDS = [add_inspect, add_tokenizer, add_data, add_train, add_generate, add_chat, add_eval, add_demo]
+_COMMANDS = [add_inspect, add_tokenizer, add_data, add_train, add_generate, add_chat, add_eval, add_demo, add_quantize]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: missing files, permissions, a full disk (ENOSPC)
         print(f"llama4 {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -14,13 +14,15 @@ from typing import TextIO
 import torch
 
 from .common import load_model_and_tokenizer
-from ..generation.engine import DEFAULT_PREFILL_CHUNK, ChatSession, generate_stream
+from ..generation.engine import DEFAULT_PREFILL_CHUNK, generate_stream
+from ..generation.session import ChatSession
 
 
 def _sampling(args: argparse.Namespace, tokenizer) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                stop_strings=args.stop or None, tokenizer=tokenizer, prefill_chunk=args.prefill_chunk)
+                stop_strings=args.stop or None, tokenizer=tokenizer, prefill_chunk=args.prefill_chunk,
+                compile=args.compile)
 
 
 def _stream_text(model, tokenizer, ids: list[int], args: argparse.Namespace, out: TextIO,
@@ -128,6 +130,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
                    help="prompt tokens per prefill step (bounds activation memory)")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto = the checkpoint's")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step with torch.compile (fullgraph); the first token waits for it")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 

@@ -1,7 +1,9 @@
-"""Generation: chunked prefill, caches by layer kind, sampling, streaming and ragged batches."""
+"""Generation: chunked prefill, a KV store sized by layer kind, sampling, streaming, ragged batches, chat sessions."""
 
-from .engine import ChatSession, decode_step, generate, generate_batch, generate_batch_stream, generate_stream, prefill
+from .engine import (compiled_decode_step, decode_step, generate, generate_batch, generate_batch_stream,
+                     generate_stream, prefill, prefill_ragged)
 from .sampling import SamplingParams, sample
+from .session import ChatSession
 
-__all__ = ["ChatSession", "SamplingParams", "decode_step", "generate", "generate_batch", "generate_batch_stream",
-           "generate_stream", "prefill", "sample"]
+__all__ = ["ChatSession", "SamplingParams", "compiled_decode_step", "decode_step", "generate", "generate_batch",
+           "generate_batch_stream", "generate_stream", "prefill", "prefill_ragged", "sample"]

@@ -1,13 +1,14 @@
-"""Generation on token ids: chunked prefill into caches sized by layer kind, then one token per step.
+"""Generation on token ids: chunked prefill into a KV store sized by layer kind, then one token per step.
 
 The engine knows nothing of text except through an optional tokenizer for stop strings. Prompts are
 prefilled in slices of `prefill_chunk` tokens, so peak activation memory follows the slice, not the
-prompt, and only the last position is projected onto the vocabulary.
+prompt, and only the last position of each prompt is projected onto the vocabulary.
 
-A batch of prompts of different lengths keeps each row at its own absolute positions: each row is
-prefilled on its own into its row of the batch cache, then all rows decode together, one token per
-row per step, with per-row RoPE angles, temperature scales and chunk boundaries. A row that stops is
-dropped from the batch (its cache rows are freed), so it costs nothing afterwards.
+A batch of prompts of different lengths is one mixed batch per step: every row prefills its next
+slice in the same forward (each at its own absolute positions), then all rows decode together, one
+token per row per step. A row that stops leaves the store (its slot is freed, nothing is copied), so
+it costs nothing afterwards. The decode step performs no host synchronisation and can be compiled
+(`compile=True`: `torch.compile(decode_step, fullgraph=True)`); token ids are checked once, here.
 
 Shape legend: B rows, T tokens, V vocabulary.
 """
@@ -19,17 +20,21 @@ from typing import Iterator, Sequence
 
 import torch
 
-from ..kv.contiguous import LayerCache, cache_rows, keep_rows, make_cache
+from ..kv.base import KVStore, Step
+from ..kv.contiguous import ContiguousKV
 from .sampling import SamplingParams, sample
 
 DEFAULT_PREFILL_CHUNK = 2048
+# Spare slots of a chat session's chunked layers: a new turn that re-encodes the last few tokens of
+# the previous one differently can still reuse the cache across a chunk boundary.
+SESSION_ROLLBACK = 64
 
 
 @torch.inference_mode()
-def prefill(model, ids_BT: torch.Tensor, cache: list[LayerCache], start_pos: int = 0,
+def prefill(model, ids_BT: torch.Tensor, cache: KVStore, start_pos: int = 0,
             prefill_chunk: int = DEFAULT_PREFILL_CHUNK, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
-    """Feed `ids_BT` at positions [start_pos, start_pos + T) through the cache, `prefill_chunk` tokens
-    at a time; returns the logits of the last position [B, V] (fp32).
+    """Feed `ids_BT` (row b continues sequence b of `cache`) at positions [start_pos, start_pos + T),
+    `prefill_chunk` tokens at a time; returns the logits of the last position [B, V] (fp32).
 
     With `pixel_values` the image features are written into the `<|patch|>` slots of the whole prompt
     first (the vision tower runs once), then the embeddings are fed slice by slice."""
@@ -42,12 +47,48 @@ def prefill(model, ids_BT: torch.Tensor, cache: list[LayerCache], start_pos: int
     return model.output(h_BTD[:, -1]).float()
 
 
-@torch.inference_mode()
-def decode_step(model, tokens_B: torch.Tensor, pos_B: list[int], cache: list[LayerCache]) -> torch.Tensor:
-    """Logits [B, V] (fp32) after feeding one token per row, row b at absolute position `pos_B[b]`."""
-    same = all(p == pos_B[0] for p in pos_B)
-    start = pos_B[0] if same else torch.tensor(pos_B, device=tokens_B.device)
-    return model(tokens_B[:, None], start_pos=start, cache=cache)[:, -1].float()
+def prefill_ragged(model, rows: list[list[int]], cache: KVStore, seqs: list[int],
+                   prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> torch.Tensor:
+    """Prompts of different lengths, one per sequence of `cache`, as mixed batches: each forward
+    carries the next `prefill_chunk` tokens of every prompt not yet done. Returns [B, V] (fp32)."""
+    device = model.output.weight.device
+    done = [0] * len(rows)
+    logits: list[torch.Tensor | None] = [None] * len(rows)
+    with torch.inference_mode():
+        while True:
+            todo = [i for i, r in enumerate(rows) if done[i] < len(r)]
+            if not todo:
+                break
+            parts = [rows[i][done[i]:done[i] + prefill_chunk] for i in todo]
+            step = cache.plan([(seqs[i], len(p)) for i, p in zip(todo, parts)])
+            ids_1N = torch.tensor([sum(parts, [])], device=device)
+            h_1ND = model(ids_1N, cache=cache, step=step, return_hidden=True)
+            last_GV = model.output(h_1ND[0, step.last_G]).float()
+            for j, i in enumerate(todo):
+                done[i] += len(parts[j])
+                if done[i] == len(rows[i]):
+                    logits[i] = last_GV[j]
+    return torch.stack(logits)
+
+
+def decode_step(model, tokens_B: torch.Tensor, step: Step, cache: KVStore) -> torch.Tensor:
+    """Logits [B, V] (fp32) after feeding one token per row (a decode `step` from `cache.plan`).
+    No host synchronisation: `torch.compile(decode_step, fullgraph=True)` captures it whole."""
+    h_1BD = model(tokens_B[None], cache=cache, step=step, return_hidden=True)
+    return model.output(h_1BD[0]).float()
+
+
+_COMPILED: dict[int, object] = {}
+
+
+def compiled_decode_step(model):
+    """`decode_step` compiled once per model (fullgraph, so a stray host sync is an error, not a
+    silent graph break)."""
+    key = id(model)
+    if key not in _COMPILED:
+        _COMPILED.clear()  # one model at a time: old graphs hold their model's weights alive
+        _COMPILED[key] = torch.compile(decode_step, fullgraph=True, dynamic=False)
+    return _COMPILED[key]
 
 
 def _as_ids(prompt, vocab: int, where: str) -> list[int]:
@@ -98,7 +139,7 @@ def generate_batch_stream(model, prompts: Sequence[Sequence[int]], *, max_new_to
                           repetition_penalty: float = 1.0, seed: int | None = None, stop_ids=None,
                           stop_strings: Sequence[str] | None = None, tokenizer=None,
                           prefill_chunk: int = DEFAULT_PREFILL_CHUNK, pixel_values: torch.Tensor | None = None,
-                          session: ChatSession | None = None) -> Iterator[tuple[int, int]]:
+                          session=None, compile: bool = False) -> Iterator[tuple[int, int]]:
     """Yields (row, token) as tokens are chosen. A row ends after a stop id (which is yielded), a stop
     string, or `max_new_tokens` tokens; see `generate` for the parameters. Bad arguments raise
     ValueError here, before anything runs."""
@@ -123,12 +164,14 @@ def generate_batch_stream(model, prompts: Sequence[Sequence[int]], *, max_new_to
         raise ValueError(f"pixel_values are supported for one prompt at a time, got {len(rows)} prompts")
     if session is not None and (len(rows) != 1 or session.model is not model):
         raise ValueError("a ChatSession generates for one prompt of its own model")
-    return _run(model, rows, max_new_tokens, params, seed, stops, stop_text, prefill_chunk, pixel_values, session)
+    step_fn = compiled_decode_step(model) if compile else decode_step
+    return _run(model, rows, max_new_tokens, params, seed, stops, stop_text, prefill_chunk, pixel_values, session,
+                step_fn)
 
 
 def _run(model, rows: list[list[int]], max_new_tokens: int, params: SamplingParams, seed: int | None,
          stops: set[int], stop_text: _StopStrings | None, prefill_chunk: int,
-         pixel_values: torch.Tensor | None, session: ChatSession | None) -> Iterator[tuple[int, int]]:
+         pixel_values: torch.Tensor | None, session, step_fn) -> Iterator[tuple[int, int]]:
     if max_new_tokens == 0:
         return
     cfg = model.config.text
@@ -138,20 +181,21 @@ def _run(model, rows: list[list[int]], max_new_tokens: int, params: SamplingPara
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
-    if session is not None:  # one prompt; the cache may already hold a prefix of it
-        cache = session.cache
-        start = session.resume(rows[0], longest + max_new_tokens, reuse=pixel_values is None)  # 0 with images
-        logits_BV = prefill(model, torch.tensor([rows[0][start:]], device=device), cache, start, prefill_chunk,
-                            pixel_values)
+    if session is not None:  # one prompt; the store may already hold a prefix of it
+        cache, seqs = session.cache, [session.seq]
+        start = session.resume(rows[0], len(rows[0]) + max_new_tokens, reuse=pixel_values is None)  # 0 with images
+        with torch.inference_mode():
+            logits_BV = prefill(model, torch.tensor([rows[0][start:]], device=device), cache, start, prefill_chunk,
+                                pixel_values)
         session.ids = list(rows[0])
-    elif all(len(r) == longest for r in rows):
-        # Prefill: a batch of equal lengths in one pass; otherwise each row on its own into its cache row.
-        cache = make_cache(cfg, len(rows), longest + max_new_tokens, weight.dtype, device)
-        logits_BV = prefill(model, torch.tensor(rows, device=device), cache, 0, prefill_chunk, pixel_values)
     else:
-        cache = make_cache(cfg, len(rows), longest + max_new_tokens, weight.dtype, device)
-        logits_BV = torch.cat([prefill(model, torch.tensor([r], device=device), cache_rows(cache, b), 0,
-                                       prefill_chunk) for b, r in enumerate(rows)])
+        cache = ContiguousKV(cfg, len(rows), longest + max_new_tokens, weight.dtype, device)
+        seqs = [cache.add() for _ in rows]
+        if pixel_values is not None or all(len(r) == longest for r in rows):
+            with torch.inference_mode():
+                logits_BV = prefill(model, torch.tensor(rows, device=device), cache, 0, prefill_chunk, pixel_values)
+        else:
+            logits_BV = prefill_ragged(model, rows, cache, seqs, prefill_chunk)
     seen_BV = None
     if params.repetition_penalty != 1.0:
         seen_BV = torch.zeros(len(rows), cfg.vocab_size, dtype=torch.bool, device=device)
@@ -159,12 +203,11 @@ def _run(model, rows: list[list[int]], max_new_tokens: int, params: SamplingPara
             seen_BV[b, r] = True
 
     live = list(range(len(rows)))  # original row index of each batch row still generating
-    pos_B = [len(r) for r in rows]
     generated: list[list[int]] = [[] for _ in rows]
     while True:
         tokens_B = sample(logits_BV, params, generator, seen_BV)
         keep = []
-        for i, (row, tok) in enumerate(zip(live, tokens_B.tolist())):
+        for i, (row, tok) in enumerate(zip(live, tokens_B.tolist())):  # the engine's edge: one sync a step
             generated[row].append(tok)
             yield row, tok
             done = tok in stops or len(generated[row]) == max_new_tokens or \
@@ -174,15 +217,17 @@ def _run(model, rows: list[list[int]], max_new_tokens: int, params: SamplingPara
         if not keep:
             return
         if len(keep) < len(live):
-            cache = keep_rows(cache, keep)
-            live, pos_B, tokens_B = [live[i] for i in keep], [pos_B[i] for i in keep], tokens_B[keep]
+            for i in set(range(len(live))) - set(keep):
+                cache.remove(seqs[live[i]])
+            live, tokens_B = [live[i] for i in keep], tokens_B[keep]
             seen_BV = None if seen_BV is None else seen_BV[keep]
         if seen_BV is not None:
             seen_BV[torch.arange(len(live), device=device), tokens_B] = True
-        logits_BV = decode_step(model, tokens_B, pos_B, cache)
+        step = cache.plan([(seqs[row], 1) for row in live])
+        with torch.inference_mode():
+            logits_BV = step_fn(model, tokens_B, step, cache)
         if session is not None:
             session.ids.append(int(tokens_B[0]))
-        pos_B = [p + 1 for p in pos_B]
 
 
 def generate_batch(model, prompts: Sequence[Sequence[int]], **kwargs) -> list[list[int]]:
@@ -201,60 +246,19 @@ def generate_stream(model, prompt_ids: Sequence[int], **kwargs) -> Iterator[int]
 def generate(model, prompt_ids: Sequence[int], *, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, min_p: float = 0.0, seed: int | None = None, stop_ids=None,
              repetition_penalty: float = 1.0, stop_strings: Sequence[str] | None = None, tokenizer=None,
-             prefill_chunk: int = DEFAULT_PREFILL_CHUNK, pixel_values: torch.Tensor | None = None) -> list[int]:
+             prefill_chunk: int = DEFAULT_PREFILL_CHUNK, pixel_values: torch.Tensor | None = None,
+             compile: bool = False) -> list[int]:
     """The new tokens only (a stop id that ended generation is included as the last token).
 
     temperature 0 = greedy; `seed` makes sampling reproducible; `stop_ids=None` stops on the config's
     eos ids (`<|end_of_text|>`, `<|eom|>`, `<|eot|>`), `[]` never stops early; `stop_strings` (with a
     `tokenizer`) stop once the generated text contains one; `prefill_chunk` bounds prefill memory;
-    `pixel_values` are the tiles for the prompt's `<|patch|>` slots (see `llama4.multimodal`).
+    `pixel_values` are the tiles for the prompt's `<|patch|>` slots (see `llama4.media.prompt`);
+    `compile=True` runs the decode step through `torch.compile(fullgraph=True)` (the first call pays
+    for the compilation).
     """
     return list(generate_stream(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
                                 top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, stop_ids=stop_ids,
                                 repetition_penalty=repetition_penalty, stop_strings=stop_strings,
-                                tokenizer=tokenizer, prefill_chunk=prefill_chunk, pixel_values=pixel_values))
-
-
-class ChatSession:
-    """A conversation whose cache outlives each call: a prompt that starts with the tokens already
-    cached (the previous turns) only prefills what is new.
-
-    The cache holds `ids`; each call keeps the longest prefix it shares with them. Local layers only
-    hold their current chunk, so resuming before that chunk resumes at the start of the chunk the
-    shared prefix ends in, and the rest is prefilled again.
-    """
-
-    def __init__(self, model, max_context: int):
-        cfg = model.config.text
-        if not isinstance(max_context, int) or not 1 <= max_context <= cfg.max_position_embeddings:
-            raise ValueError(f"max_context={max_context!r} is invalid: expected an int in "
-                             f"[1, {cfg.max_position_embeddings}] (max_position_embeddings)")
-        self.model, self.max_context = model, max_context
-        self.cache = make_cache(cfg, 1, max_context, model.output.weight.dtype, model.output.weight.device)
-        self.ids: list[int] = []  # the tokens whose keys the cache holds, in order
-        self.reused = 0  # prompt tokens the last call took from the cache
-
-    def resume(self, prompt: list[int], needed: int, reuse: bool = True) -> int:
-        """Cut the cache back to what `prompt` can reuse; returns the position prefilling starts at."""
-        if needed > self.max_context:
-            raise ValueError(f"the conversation needs {needed} positions (prompt + max_new_tokens) but this "
-                             f"session holds {self.max_context} (max_context)")
-        common = 0
-        if reuse:
-            limit = min(len(self.ids), len(prompt) - 1)  # at least one token is fed, for its logits
-            while common < limit and self.ids[common] == prompt[common]:
-                common += 1
-        chunk = self.model.config.text.attention_chunk_size
-        local_start = max([int(c.start_B[0]) for c in self.cache if c.chunk is not None], default=0)
-        keep = common if common >= local_start else common - common % chunk
-        for c in self.cache:
-            c.truncate(keep)
-        self.ids, self.reused = self.ids[:keep], keep
-        return keep
-
-    def generate_stream(self, prompt_ids: Sequence[int], **kwargs) -> Iterator[int]:
-        """As `generate_stream`, reusing the cached prefix."""
-        return (tok for _, tok in generate_batch_stream(self.model, [prompt_ids], session=self, **kwargs))
-
-    def generate(self, prompt_ids: Sequence[int], **kwargs) -> list[int]:
-        return list(self.generate_stream(prompt_ids, **kwargs))
+                                tokenizer=tokenizer, prefill_chunk=prefill_chunk, pixel_values=pixel_values,
+                                compile=compile))

@@ -1,5 +1,6 @@
-"""KV stores: what attention writes keys and values into and reads them back from."""
+"""KV stores: what attention writes keys and values into and reads them back from (see `base.py`)."""
 
-from .contiguous import LayerCache, cache_rows, keep_rows, make_cache
+from .base import KVStore, PrefillGroup, Step
+from .contiguous import ContiguousKV, make_cache
 
-__all__ = ["LayerCache", "cache_rows", "keep_rows", "make_cache"]
+__all__ = ["ContiguousKV", "KVStore", "PrefillGroup", "Step", "make_cache"]

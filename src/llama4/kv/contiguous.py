@@ -1,144 +1,233 @@
-"""KV caches sized by layer kind.
+"""The contiguous KV store: one preallocated buffer per layer, one row per sequence.
 
-A global (NoPE) layer keeps every position. A chunked (local RoPE) layer only ever needs the keys of
-the chunk its newest query is in, so its buffer holds at most `chunk` positions and is reset when a
-new chunk starts: that is what makes 10M-token contexts affordable.
+A global (NoPE) layer keeps every position: slot = position. A chunked (local RoPE) layer only ever
+needs the keys of the chunk its newest query is in, so it holds `chunk + rollback` slots used as a
+ring (slot = position mod capacity): that bounded local cache is what makes 10M-token contexts
+affordable, and the `rollback` spare slots keep the previous chunk alive for a few positions after a
+boundary, so a rejected speculative draft can be rolled back across it.
 
-Each batch row has its own bookkeeping (`start_B`, `length_B`), so rows of different lengths can
-decode side by side, each at its own absolute position. A multi-token block is written for rows that
-stand at the same position (a whole batch, or one row through `row`); a single-token step may have
-a different position per row.
+Every slot remembers the absolute position it holds (`slot_pos`, -1 when empty), one table per
+capacity shared by all layers of that kind, so a decode token masks what it may see by position alone:
+no lengths are read on the host inside the model.
 
-Shape legend: B batch, K kv heads, S positions held, T new positions, Dh head dim.
+Shape legend: R rows (sequences the store can hold), K kv heads, S slots, G / B rows in a step,
+L tokens of a block, Dh head dim.
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from ..config import TextConfig
+from .base import PrefillGroup, Step
 
 
-class LayerCache:
-    """Keys/values for one layer. Row b's slot 0 holds absolute position `start_B[b]`; `length_B[b]`
-    slots are valid. The bookkeeping lives in small CPU tensors so that `row` views share it."""
+class ContiguousKV:
+    """Keys and values of every layer for up to `max_seqs` sequences of up to `max_len` positions."""
 
-    def __init__(self, batch: int, n_kv: int, head_dim: int, capacity: int, chunk: int | None,
-                 dtype: torch.dtype, device: torch.device | str):
-        self.chunk = chunk
-        self.capacity = capacity
-        self.k_BKSD = torch.zeros(batch, n_kv, capacity, head_dim, dtype=dtype, device=device)
-        self.v_BKSD = torch.zeros_like(self.k_BKSD)
-        self.start_B = torch.zeros(batch, dtype=torch.int64)
-        self.length_B = torch.zeros(batch, dtype=torch.int64)
+    def __init__(self, cfg: TextConfig, max_seqs: int, max_len: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu", rollback: int = 0):
+        for name, v, lo in (("max_seqs", max_seqs, 1), ("max_len", max_len, 1), ("rollback", rollback, 0)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ValueError(f"ContiguousKV needs {name} to be an int >= {lo}, got {v!r}")
+        self.max_seqs, self.max_len, self.rollback_slots = max_seqs, max_len, rollback
+        self.chunks = [cfg.attention_chunk_size if cfg.is_chunked(i) else None for i in range(cfg.num_hidden_layers)]
+        self.caps = [min(c + rollback, max_len) if c else max_len for c in self.chunks]
+        shape = (max_seqs, cfg.num_key_value_heads)
+        self.k = [torch.zeros(*shape, cap, cfg.head_dim, dtype=dtype, device=device) for cap in self.caps]
+        self.v = [torch.zeros_like(k) for k in self.k]
+        self.slot_pos = {cap: torch.full((max_seqs, cap), -1, dtype=torch.int64, device=device)
+                         for cap in set(self.caps)}
+        self.device = torch.device(device)
+        self._len = [0] * max_seqs  # positions held
+        self._live = [False] * max_seqs
 
-    @classmethod
-    def _wrap(cls, chunk, capacity, k_BKSD, v_BKSD, start_B, length_B) -> "LayerCache":
-        c = cls.__new__(cls)
-        c.chunk, c.capacity, c.k_BKSD, c.v_BKSD, c.start_B, c.length_B = chunk, capacity, k_BKSD, v_BKSD, start_B, length_B
-        return c
+    # Sequences ------------------------------------------------------------------------------------
+    def add(self) -> int:
+        try:
+            row = self._live.index(False)
+        except ValueError:
+            raise ValueError(f"KV store full: all {self.max_seqs} sequences are in use (remove one first, or "
+                             f"allocate the store with a larger max_seqs)") from None
+        self._live[row], self._len[row] = True, 0
+        for table in self.slot_pos.values():
+            table[row] = -1
+        return row
 
-    @property
-    def batch(self) -> int:
-        return self.k_BKSD.shape[0]
+    def remove(self, seq: int) -> None:
+        self._check_seq(seq)
+        self._live[seq] = False
 
-    def next_pos(self) -> list[int]:
-        """The absolute position each row's next write must start at."""
-        return (self.start_B + self.length_B).tolist()
+    def fork(self, seq: int) -> int:
+        self._check_seq(seq)
+        new = self.add()
+        for k, v in zip(self.k, self.v):
+            k[new], v[new] = k[seq], v[seq]
+        for table in self.slot_pos.values():
+            table[new] = table[seq]
+        self._len[new] = self._len[seq]
+        return new
 
-    def row(self, b: int) -> "LayerCache":
-        """A one-row view sharing storage and bookkeeping (writes through it land in this cache)."""
-        s = slice(b, b + 1)
-        return LayerCache._wrap(self.chunk, self.capacity, self.k_BKSD[s], self.v_BKSD[s], self.start_B[s],
-                                self.length_B[s])
+    def length(self, seq: int) -> int:
+        self._check_seq(seq)
+        return self._len[seq]
 
-    def keep(self, rows: list[int]) -> "LayerCache":
-        """A cache holding only `rows` (a copy): finished rows stop costing memory and compute."""
-        idx = torch.tensor(rows, dtype=torch.int64)
-        dev_idx = idx.to(self.k_BKSD.device)
-        return LayerCache._wrap(self.chunk, self.capacity, self.k_BKSD[dev_idx], self.v_BKSD[dev_idx],
-                                self.start_B[idx], self.length_B[idx])
+    def seqs(self) -> list[int]:
+        return [r for r, live in enumerate(self._live) if live]
 
-    def _check_room(self, pos: int, need: int, row: int | str) -> None:
-        if need > self.capacity:
-            raise ValueError(f"KV cache full: position {pos} of row {row} needs {need} slots but the cache "
-                             f"holds {self.capacity} (allocate the cache with a larger max_len)")
+    def reusable(self, seq: int, n: int) -> int:
+        """The longest prefix <= n that `seq` can be cut back to: n itself when every chunked layer
+        still holds the keys position n needs, else the start of n's chunk (which needs none)."""
+        self._check_seq(seq)
+        n = min(n, self._len[seq])
+        return n if self._missing_chunk(seq, n) is None else n - n % self._missing_chunk(seq, n)
 
-    def write(self, k_BKTD: torch.Tensor, v_BKTD: torch.Tensor, pos: int) -> int:
-        """Store keys for positions [pos, pos+T) in every row (all rows must stand at `pos`).
+    def _missing_chunk(self, seq: int, n: int) -> int | None:
+        """The chunk size of a layer kind that no longer holds all of positions [chunk start, n)."""
+        for chunk, cap in zip(self.chunks, self.caps):
+            if chunk is not None and n % chunk:
+                want = torch.arange(n - n % chunk, n, device=self.device)
+                if not torch.equal(self.slot_pos[cap][seq, want % cap], want):  # host read: edge only
+                    return chunk
+        return None
 
-        The block must not cross a chunk boundary of a chunked layer. Returns how many earlier
-        positions stay visible to it.
-        """
-        T = k_BKTD.shape[2]
-        ends = self.next_pos()
-        if any(e != pos for e in ends):
-            raise ValueError(f"cache expects positions {ends} next, got {pos} for every row (tokens must be fed "
-                             f"in order; rows at different positions advance one token at a time)")
-        assert self.chunk is None or pos // self.chunk == (pos + T - 1) // self.chunk, (pos, T, self.chunk)
-        if self.chunk is not None and pos % self.chunk == 0:
-            self.start_B.fill_(pos)  # a new chunk: nothing before it is visible any more
-            self.length_B.zero_()
-        prefix = int(self.length_B[0])
-        self._check_room(pos, prefix + T, "all")
-        self.k_BKSD[:, :, prefix:prefix + T] = k_BKTD
-        self.v_BKSD[:, :, prefix:prefix + T] = v_BKTD
-        self.length_B += T
-        return prefix
+    def rollback(self, seq: int, n: int) -> None:
+        self._check_seq(seq)
+        if not isinstance(n, int) or not 0 <= n <= self._len[seq]:
+            raise ValueError(f"rollback of sequence {seq} by {n!r}: expected an int in [0, {self._len[seq]}]")
+        keep = self._len[seq] - n
+        chunk = self._missing_chunk(seq, keep)
+        if chunk is not None:
+            raise ValueError(f"cannot roll sequence {seq} back to position {keep}: its chunked layers no longer "
+                             f"hold the start of chunk {keep - keep % chunk} (they keep {self.rollback_slots} spare "
+                             f"slots; allocate the store with a larger rollback, or resume at a chunk start)")
+        self._len[seq] = keep
+        for table in self.slot_pos.values():
+            table[seq].masked_fill_(table[seq] >= keep, -1)
 
-    def write_step(self, k_BKD: torch.Tensor, v_BKD: torch.Tensor, pos_B: list[int]) -> list[int]:
-        """Store one new position per row, row b at `pos_B[b]`; returns each row's valid length after."""
-        for b, (p, e) in enumerate(zip(pos_B, self.next_pos())):
-            if p != e:
-                raise ValueError(f"cache row {b} expects position {e} next, got {p} (tokens must be fed in order)")
-            if self.chunk is not None and p % self.chunk == 0:
-                self.start_B[b], self.length_B[b] = p, 0
-            self._check_room(p, int(self.length_B[b]) + 1, b)
-        slot_B = self.length_B.to(self.k_BKSD.device)
-        rows_B = torch.arange(self.batch, device=self.k_BKSD.device)
-        self.k_BKSD[rows_B, :, slot_B] = k_BKD
-        self.v_BKSD[rows_B, :, slot_B] = v_BKD
-        self.length_B += 1
-        return self.length_B.tolist()
+    def _check_seq(self, seq: int) -> None:
+        if not isinstance(seq, int) or not 0 <= seq < self.max_seqs or not self._live[seq]:
+            raise ValueError(f"sequence {seq!r} is not in this KV store (live: {self.seqs()})")
 
-    def truncate(self, n: int) -> None:
-        """Forget positions >= n in every row. A chunked layer no longer has the keys before its current
-        chunk, so there `n` may lie before that chunk only if it is a chunk start (nothing is kept then)."""
-        for b in range(self.batch):
-            start = int(self.start_B[b])
-            if n >= start:
-                self.length_B[b] = min(int(self.length_B[b]), n - start)
-            elif self.chunk is None or n % self.chunk == 0:
-                self.start_B[b], self.length_B[b] = n, 0
-            else:
-                raise ValueError(f"cannot cut a chunked cache back to position {n}: its row {b} only holds "
-                                 f"positions from {start} (resume at a chunk start)")
+    # A step ----------------------------------------------------------------------------------------
+    def plan(self, segments: Sequence[tuple[int, int]]) -> Step:
+        """Each (seq, n) appends n tokens at the sequence's next positions; tokens are laid out in
+        segment order. Checks order and capacity, then advances the bookkeeping."""
+        seqs, starts, lengths = [], [], []
+        for seq, n in segments:
+            self._check_seq(seq)
+            if not isinstance(n, int) or n < 1:
+                raise ValueError(f"a step segment needs at least one token, got {n!r} for sequence {seq}")
+            if seq in seqs:
+                raise ValueError(f"sequence {seq} appears twice in one step")
+            if self._len[seq] + n > self.max_len:
+                raise ValueError(f"KV store full: sequence {seq} at position {self._len[seq]} cannot take {n} more "
+                                 f"tokens (max_len {self.max_len}; allocate the store with a larger max_len)")
+            seqs.append(seq), starts.append(self._len[seq]), lengths.append(n)
+        if not seqs:
+            raise ValueError("a step needs at least one segment")
+        dev = self.device
+        offsets = [0]
+        for n in lengths:
+            offsets.append(offsets[-1] + n)
+        pos_N = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)]).to(dev)
+        step = Step(seqs, starts, lengths, pos_N, last_G=torch.tensor(offsets[1:], device=dev) - 1)
+        single = [i for i, n in enumerate(lengths) if n == 1]
+        if single:
+            rows = [seqs[i] for i in single]
+            step.decode_rows_B = torch.tensor(rows, device=dev)
+            step.decode_pos_B = torch.tensor([starts[i] for i in single], device=dev)
+            step.decode_all_rows = rows == list(range(self.max_seqs))
+            if len(single) < len(seqs):
+                step.decode_tokens_B = torch.tensor([offsets[i] for i in single], device=dev)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, n in enumerate(lengths):
+            if n > 1:
+                groups.setdefault((starts[i], n), []).append(i)
+        for (start, n), members in groups.items():
+            rows = [seqs[i] for i in members]
+            tokens = torch.stack([torch.arange(offsets[i], offsets[i] + n) for i in members]).to(dev)
+            step.prefill.append(PrefillGroup(start, n, rows, torch.tensor(rows, device=dev), tokens,
+                                             all_rows=rows == list(range(self.max_seqs))))
+        for seq, s, n in zip(seqs, starts, lengths):
+            self._record(seq, s, n)
+        return step
 
-    def view(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k_BKSD[:, :, :n], self.v_BKSD[:, :, :n]
+    def _record(self, row: int, start: int, n: int) -> None:
+        """Mark the slots that positions [start, start + n) land in (the last `cap` of them)."""
+        for cap, table in self.slot_pos.items():
+            a = max(start, start + n - cap)
+            pos = torch.arange(a, start + n, device=table.device)
+            table[row, pos % cap] = pos
+        self._len[row] = start + n
+
+    # What attention calls ---------------------------------------------------------------------------
+    def chunk_of(self, layer: int) -> int | None:
+        return self.chunks[layer]
+
+    def write_block(self, layer: int, rows_G: torch.Tensor, start: int, k_GKLD: torch.Tensor,
+                    v_GKLD: torch.Tensor, all_rows: bool = False) -> None:
+        cap, L = self.caps[layer], k_GKLD.shape[2]
+        skip = max(0, L - cap)  # a ring keeps only the last `cap` positions
+        for (a, b), (x, y) in _ring_slices(start + skip, L - skip, cap):
+            for buf, new in ((self.k[layer], k_GKLD), (self.v[layer], v_GKLD)):
+                src = new[:, :, skip + x:skip + y]
+                if all_rows:
+                    buf[:, :, a:b] = src
+                else:
+                    buf[rows_G, :, a:b] = src
+
+    def write_tokens(self, layer: int, rows_B: torch.Tensor, pos_B: torch.Tensor, k_BKD: torch.Tensor,
+                     v_BKD: torch.Tensor) -> None:
+        slot_B = pos_B % self.caps[layer]
+        self.k[layer][rows_B, :, slot_B] = k_BKD
+        self.v[layer][rows_B, :, slot_B] = v_BKD
+
+    def prefix(self, layer: int, rows_G: torch.Tensor, lo: int, hi: int,
+               all_rows: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        cap = self.caps[layer]
+        out = []
+        for buf in (self.k[layer], self.v[layer]):
+            rows = buf if all_rows else buf.index_select(0, rows_G)
+            parts = [rows[:, :, a:b] for (a, b), _ in _ring_slices(lo, hi - lo, cap)]
+            out.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
+        return out[0], out[1]
+
+    def gather(self, layer: int, rows_B: torch.Tensor,
+               all_rows: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        k, v, table = self.k[layer], self.v[layer], self.slot_pos[self.caps[layer]]
+        if all_rows:
+            return k, v, table
+        return k.index_select(0, rows_B), v.index_select(0, rows_B), table.index_select(0, rows_B)
 
     def nbytes(self) -> int:
-        return 2 * self.k_BKSD.numel() * self.k_BKSD.element_size()
+        return sum(2 * k.numel() * k.element_size() for k in self.k)
+
+    def nbytes_by_kind(self) -> dict[str, int]:
+        local = sum(2 * k.numel() * k.element_size() for k, c in zip(self.k, self.chunks) if c is not None)
+        return {"local": local, "global": self.nbytes() - local}
+
+
+def _ring_slices(start: int, n: int, cap: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """Positions [start, start + n) (n <= cap) as at most two (slot range, offset range) pairs."""
+    if n <= 0:
+        return [((0, 0), (0, 0))]
+    a = start % cap
+    first = min(n, cap - a)
+    pieces = [((a, a + first), (0, first))]
+    if first < n:
+        pieces.append(((0, n - first), (first, n)))
+    return pieces
 
 
 def make_cache(cfg: TextConfig, batch: int, max_len: int, dtype: torch.dtype = torch.float32,
-               device: torch.device | str = "cpu") -> list[LayerCache]:
-    """One cache per layer: chunked layers get min(chunk, max_len) slots, global layers max_len."""
-    if batch < 1 or max_len < 1:
+               device: torch.device | str = "cpu", rollback: int = 0) -> ContiguousKV:
+    """A store with `batch` sequences already added (ids 0 .. batch-1), for `model(ids_BT, cache=...)`."""
+    if not isinstance(batch, int) or not isinstance(max_len, int) or batch < 1 or max_len < 1:
         raise ValueError(f"make_cache needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}")
-    caches = []
-    for i in range(cfg.num_hidden_layers):
-        chunk = cfg.attention_chunk_size if cfg.is_chunked(i) else None
-        capacity = min(chunk, max_len) if chunk else max_len
-        caches.append(LayerCache(batch, cfg.num_key_value_heads, cfg.head_dim, capacity, chunk, dtype, device))
-    return caches
-
-
-def cache_rows(caches: list[LayerCache], b: int) -> list[LayerCache]:
-    """Row b of every layer's cache, as views (to prefill one row of a batch on its own)."""
-    return [c.row(b) for c in caches]
-
-
-def keep_rows(caches: list[LayerCache], rows: list[int]) -> list[LayerCache]:
-    """Every layer's cache restricted to `rows`, in that order."""
-    return [c.keep(rows) for c in caches]
+    kv = ContiguousKV(cfg, batch, max_len, dtype, device, rollback)
+    for _ in range(batch):
+        kv.add()
+    return kv

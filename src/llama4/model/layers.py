@@ -1,6 +1,7 @@
 """Small building blocks shared by the text decoder: norms, SwiGLU, RoPE.
 
-Shape legend: B batch, T tokens, D model dim, F FFN hidden, H query heads, Dh head dim.
+Shape legend: B batch, T tokens, D model dim, F FFN hidden, H query heads, Dh head dim,
+A rotation angles per head (Dh/2), each a (cos, sin) pair.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .init import init_linear, ones_
+
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32 and cast back, as Llama does (bf16 sums lose too much)."""
@@ -19,6 +22,9 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+
+    def init_weights(self) -> None:
+        ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return l2_norm(x, self.eps) * self.weight
@@ -39,12 +45,16 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(dim, hidden, bias=False)  # up
         self.w2 = nn.Linear(hidden, dim, bias=False)  # down
 
+    def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:
+        for w in (self.w1, self.w3, self.w2):
+            init_linear(w, std, generator)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
-    """Inverse frequencies [Dh/2], with llama3-style scaling when configured.
+    """Inverse frequencies [R], with llama3-style scaling when configured.
 
     llama3 scaling keeps high frequencies (short wavelengths), divides low ones by `factor`, and blends
     linearly in between. When high_freq_factor == low_freq_factor (Scout) the blend band is empty:
@@ -69,15 +79,22 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
 
 
 def rope_freqs(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Complex rotations e^{i p f} for absolute `positions` [..., T] -> [..., T, Dh/2] (complex64)."""
+    """Rotations for absolute `positions` [..., T] -> [..., T, A, 2] holding (cos, sin) of p * f.
+
+    Real, not complex: the same numbers as Meta's `polar`, but every backend (torch.compile included)
+    handles real tensors."""
     angles = positions[..., None].float() * inv_freq.to(positions.device)
-    return torch.polar(torch.ones_like(angles), angles)
+    return torch.stack((torch.cos(angles), torch.sin(angles)), dim=-1)
 
 
-def apply_rope(x_BTHD: torch.Tensor, freqs_BTF: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x0, x1), (x2, x3), ... as complex numbers (Meta's layout).
+def apply_rope(x_BTHD: torch.Tensor, rot_BTA2: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... by the angles in `rot` (Meta's layout).
 
-    `freqs` is [T, Dh/2] or [B, T, Dh/2]; the head dim is broadcast.
-    """
-    xc = torch.view_as_complex(x_BTHD.float().reshape(*x_BTHD.shape[:-1], -1, 2))
-    return torch.view_as_real(xc * freqs_BTF.unsqueeze(-2)).flatten(-2).type_as(x_BTHD)
+    `rot` is [T, A, 2] or [B, T, A, 2] (cos, sin), or the equivalent complex [.., T, A];
+    the head dim is broadcast."""
+    if rot_BTA2.is_complex():
+        rot_BTA2 = torch.view_as_real(rot_BTA2)
+    x = x_BTHD.float().reshape(*x_BTHD.shape[:-1], -1, 2)
+    x0, x1 = x[..., 0], x[..., 1]
+    cos, sin = rot_BTA2[..., 0].unsqueeze(-2), rot_BTA2[..., 1].unsqueeze(-2)
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x_BTHD)

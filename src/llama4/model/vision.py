@@ -4,7 +4,8 @@ Each tile becomes P = (S/patch)^2 * ratio^2 embeddings (144 for 336-px tiles) th
 at the `<|patch|>` positions.
 
 Shape legend: N tiles, C channels, S tile side in pixels, L patches per tile (+1 with the class token),
-D vision width, Dh head dim, P tokens per tile after pixel shuffle, E text width.
+D vision width, Dh head dim, R = Dh/2 rotary frequencies, P tokens per tile after pixel shuffle,
+W a width other than D (pixel-shuffled or adapter features), E text width.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import VisionConfig
+from .init import init_layernorm, init_linear, normal_
 from .layers import apply_rope
 
 
@@ -28,10 +30,14 @@ class VisionAttention(nn.Module):
         self.wv = nn.Linear(v.hidden_size, v.hidden_size)
         self.wo = nn.Linear(v.hidden_size, v.hidden_size)
 
-    def forward(self, x_NLD: torch.Tensor, freqs_LF: torch.Tensor) -> torch.Tensor:
+    def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:
+        for w in (self.wq, self.wk, self.wv, self.wo):
+            init_linear(w, std, generator)
+
+    def forward(self, x_NLD: torch.Tensor, freqs_LR: torch.Tensor) -> torch.Tensor:
         N, L, _ = x_NLD.shape
         q, k, v = (w(x_NLD).view(N, L, self.n_heads, self.head_dim) for w in (self.wq, self.wk, self.wv))
-        q, k = apply_rope(q, freqs_LF), apply_rope(k, freqs_LF)
+        q, k = apply_rope(q, freqs_LR), apply_rope(k, freqs_LR)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return self.wo(out.transpose(1, 2).reshape(N, L, -1))
 
@@ -45,8 +51,15 @@ class VisionBlock(nn.Module):
         self.fc1 = nn.Linear(v.hidden_size, v.intermediate_size)
         self.fc2 = nn.Linear(v.intermediate_size, v.hidden_size)
 
-    def forward(self, x_NLD, freqs_LF):
-        x_NLD = x_NLD + self.attention(self.attention_norm(x_NLD), freqs_LF)
+    def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:
+        init_layernorm(self.attention_norm)
+        self.attention.init_weights(std, generator)
+        init_layernorm(self.ffn_norm)
+        init_linear(self.fc1, std, generator)
+        init_linear(self.fc2, std, generator)
+
+    def forward(self, x_NLD, freqs_LR):
+        x_NLD = x_NLD + self.attention(self.attention_norm(x_NLD), freqs_LR)
         return x_NLD + self.fc2(F.gelu(self.fc1(self.ffn_norm(x_NLD))))
 
 
@@ -65,7 +78,7 @@ def pixel_shuffle(x_NLD: torch.Tensor, ratio: float) -> torch.Tensor:
 
 
 def vision_rope_freqs(v: VisionConfig, device: torch.device | str | None = None) -> torch.Tensor:
-    """2D RoPE for the patch grid plus the class token (which gets no rotation): [L+1, Dh/2] complex.
+    """2D RoPE for the patch grid plus the class token (which gets no rotation): [L+1, R] complex.
 
     Half of each head's pairs rotate with the patch's x coordinate, half with its y coordinate.
     """
@@ -103,6 +116,17 @@ class VisionEncoder(nn.Module):
         # published checkpoints carry none.
         self.projector = nn.Linear(v.vision_output_dim, text_dim, bias=False)
 
+    def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:
+        init_linear(self.patch_embed, std, generator)
+        normal_(self.class_embedding, std, generator)
+        normal_(self.positional_embedding, std, generator)
+        init_layernorm(self.layernorm_pre)
+        for layer in self.layers:
+            layer.init_weights(std, generator)
+        init_layernorm(self.layernorm_post)
+        for w in (self.adapter_fc1, self.adapter_fc2, self.projector):
+            init_linear(w, std, generator)
+
     def forward(self, pixels_NCSS: torch.Tensor) -> torch.Tensor:
         """Tiles [N, C, S, S] -> text-space embeddings [N, P, E]."""
         v = self.config
@@ -118,10 +142,10 @@ class VisionEncoder(nn.Module):
         x_NLD = self.layernorm_pre(x_NLD)
         # Rebuilt per call (a few kernels, nothing next to the tower) rather than held as a buffer: a
         # complex buffer would lose its imaginary part to `model.to(torch.bfloat16)`.
-        freqs_LF = vision_rope_freqs(v, pixels_NCSS.device)
+        freqs_LR = vision_rope_freqs(v, pixels_NCSS.device)
         for layer in self.layers:
-            x_NLD = layer(x_NLD, freqs_LF)
+            x_NLD = layer(x_NLD, freqs_LR)
         x_NLD = self.layernorm_post(x_NLD)[:, :-1]  # drop the class token
-        x_NPD = pixel_shuffle(x_NLD, v.pixel_shuffle_ratio)
-        x_NPD = F.gelu(self.adapter_fc2(F.gelu(self.adapter_fc1(x_NPD))))
-        return self.projector(x_NPD)
+        shuffled_NPW = pixel_shuffle(x_NLD, v.pixel_shuffle_ratio)
+        adapted_NPW = F.gelu(self.adapter_fc2(F.gelu(self.adapter_fc1(shuffled_NPW))))
+        return self.projector(adapted_NPW)

@@ -203,15 +203,11 @@ def _validate(c: TrainConfig, where: str) -> None:
         if not ok:
             raise ValueError(f"{where}: {msg}")
 
-    def typed(section: str, obj, name: str, types) -> None:
-        v = getattr(obj, name)
-        need(isinstance(v, types) and not (isinstance(v, bool) and bool not in _tuple(types)),
-             f"{section}.{name} = {v!r} has the wrong type; expected {_names(types)}")
-
     for sec in fields(TrainConfig):
         obj = getattr(c, sec.name)
         for f in fields(obj):
-            typed(sec.name, obj, f.name, _types_of(f))
+            wrong = type_error(getattr(obj, f.name), f.type)
+            need(wrong is None, f"{sec.name}.{f.name} = {getattr(obj, f.name)!r} has the wrong type; {wrong}")
     need(c.model.preset is not None or c.model.checkpoint is not None,
          "[model] needs preset or checkpoint")
     need(isinstance(c.data.paths, list) and all(isinstance(p, str) for p in c.data.paths),
@@ -243,19 +239,52 @@ def _validate(c: TrainConfig, where: str) -> None:
          f"lora.targets {c.lora.targets} must be a non-empty subset of {list(LORA_TARGETS)}")
 
 
-# Field types, from the annotations (strings under `from __future__ import annotations`).
-_TYPES = {"str | None": (str, type(None)), "bool": bool, "dict": dict, "float | None": (float, int, type(None)),
-          "list[str]": list, "int": int, "float": (float, int), "list[float]": list, "str": str,
-          "str | bool": (str, bool)}
+# Field types, read from the annotations (strings under `from __future__ import annotations`): unions
+# of str, bool, int, float (an int is accepted), None, dict and list[...] of any of these.
+_SCALARS = {"str": str, "bool": bool, "int": int, "float": float, "None": type(None), "dict": dict, "list": list}
 
 
-def _types_of(f: dataclasses.Field):
-    return _TYPES[f.type]
+def type_error(value, annotation: str) -> str | None:
+    """None when `value` fits the annotation (e.g. "int | None", "list[float]"), else "expected ..."."""
+    alternatives = _parse_type(annotation)
+    return None if _matches(value, alternatives) else f"expected {_names(alternatives)}"
 
 
-def _tuple(types) -> tuple:
-    return types if isinstance(types, tuple) else (types,)
+def _parse_type(annotation: str) -> list[tuple[type, list | None]]:
+    """'int | None' -> [(int, None), (NoneType, None)]; 'list[int]' -> [(list, [(int, None)])]."""
+    out = []
+    for part in _split_union(annotation):
+        base, _, inner = part.partition("[")
+        if base not in _SCALARS or (inner and base not in ("list", "dict")):
+            raise TypeError(f"train config: field annotation {annotation!r} is not one the type check knows")
+        elem = _parse_type(inner[:-1]) if inner and base == "list" else None
+        out.append((_SCALARS[base], elem))
+    return out
 
 
-def _names(types) -> str:
-    return " or ".join("null" if t is type(None) else t.__name__ for t in _tuple(types))
+def _split_union(annotation: str) -> list[str]:
+    parts, depth, cur = [], 0, ""
+    for ch in annotation.replace(" ", ""):
+        depth += (ch == "[") - (ch == "]")
+        if ch == "|" and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return parts + [cur]
+
+
+def _matches(v, alternatives: list[tuple[type, list | None]]) -> bool:
+    for base, elem in alternatives:
+        if isinstance(v, bool) and base is not bool:
+            continue  # bool is an int subclass; `steps = true` is still a mistake
+        if base is float and isinstance(v, int) and not isinstance(v, bool):
+            return True
+        if isinstance(v, base) and (elem is None or all(_matches(x, elem) for x in v)):
+            return True
+    return False
+
+
+def _names(alternatives: list[tuple[type, list | None]]) -> str:
+    return " or ".join("null" if t is type(None) else f"list of {_names(e)}" if e else t.__name__
+                       for t, e in alternatives)

@@ -66,6 +66,7 @@ class Batch:
     doc_pos: torch.Tensor | None  # [B, T] positions inside documents; None when every row is one document
     pixel_values: torch.Tensor | None  # [N, C, S, S] tiles in the order of their slots
     n_tokens: int  # real (non-padding) tokens
+    token_mask: torch.Tensor | None = None  # [B, T] bool, True for real tokens (padding stays out of MoE load)
 
     @property
     def n_targets(self) -> int:
@@ -300,6 +301,7 @@ class PackedData:
         labels_BT = np.full((B, T), IGNORE, dtype=np.int64)
         pos_BT = np.zeros((B, T), dtype=np.int64)
         tiles = []
+        mask_BT = np.zeros((B, T), dtype=bool)
         n_tokens, packed = 0, False
         for b, row in enumerate(rows):
             at = 0
@@ -314,9 +316,10 @@ class PackedData:
                 tiles += [self.encoder.pixels(m_) for m_ in d.media]
                 at += n
             n_tokens += at
+            mask_BT[b, :at] = True
             if at < T:  # padding is a document of its own that no real token attends to
                 pos_BT[b, at:] = np.arange(T - at)
             packed |= len(row) > 1  # one document and trailing padding: plain causal attention suffices
         return Batch(torch.from_numpy(ids_BT), torch.from_numpy(labels_BT),
                      torch.from_numpy(pos_BT) if packed else None,
-                     torch.cat(tiles) if tiles else None, n_tokens)
+                     torch.cat(tiles) if tiles else None, n_tokens, torch.from_numpy(mask_BT))

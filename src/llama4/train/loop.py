@@ -12,8 +12,8 @@ train_config.json.
 from __future__ import annotations
 
 import dataclasses
-
 import json
+import logging
 import math
 import os
 import sys
@@ -23,17 +23,22 @@ from pathlib import Path
 
 import torch
 from torch.nn.utils import parametrize
-from torch.utils.checkpoint import checkpoint
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
-from ..config import preset
+from ..checkpoint.atomic import Snapshot
+from ..checkpoint.safetensors_io import read_header
+from ..config import config_to_hf, preset
 from ..model import Llama4
 from ..text.tokenizer import Tokenizer
 from .balance import ExpertBalancer, imbalance
-from .checkpointing import latest_checkpoint, load_train_state, rng_state, save_checkpoint, set_rng_state
+from .checkpointing import (check_same_run, checkpoints, latest_checkpoint, load_train_state, move_aside, rng_state,
+                            save_checkpoint, set_rng_state)
 from .config import TrainConfig, apply_overrides, config_from_dict, load_train_config
 from .data import IGNORE, Encoder, PackedData, read_documents
 from .loss import chunked_cross_entropy
 from .plots import plot_run
+
+log = logging.getLogger("llama4")
 
 
 def run(config: TrainConfig | dict | str | Path, *, resume: bool = False, overrides: list[str] = ()) -> Path:
@@ -137,11 +142,12 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.
 
 
 def checkpoint_layers(model: Llama4) -> None:
-    """Recompute each decoder layer in backward instead of keeping its activations."""
-    for block in model.layers:
-        def forward(*args, _fwd=block.forward, **kw):
-            return checkpoint(_fwd, *args, use_reentrant=False, **kw)
-        block.forward = forward
+    """Recompute each decoder layer in backward instead of keeping its activations: every block is
+    wrapped from outside (`checkpoint_wrapper`, non-reentrant), so the model code is untouched and
+    FSDP / compile see an ordinary module. state_dict keys keep their names (the wrapper strips its
+    prefix); attribute access falls through to the block."""
+    for i, block in enumerate(model.layers):
+        model.layers[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
 
 
 class Progress:
@@ -211,30 +217,66 @@ class Trainer:
         return torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
 
     def _restore(self) -> None:
-        ckpt = latest_checkpoint(self.out)
-        if ckpt is None:
+        found = checkpoints(self.out)
+        if not found:
             raise FileNotFoundError(f"--resume: no checkpoint in {self.out / 'checkpoints'}")
-        state, biases = load_train_state(ckpt)
+        damaged = []
+        for ckpt in reversed(found):  # the newest that reads back whole
+            try:
+                state, biases, weights = self._read_checkpoint(ckpt)
+                break
+            except (ValueError, FileNotFoundError, OSError) as e:
+                damaged.append(ckpt)
+                log.warning("--resume: %s is damaged or unreadable (%s); trying the previous checkpoint", ckpt, e)
+        else:
+            raise ValueError(f"--resume: no intact checkpoint in {self.out / 'checkpoints'} (see the warnings above "
+                             f"for each one's problem)")
+        check_same_run(state.get("config", {}), self.cfg.to_dict(), ckpt)
         if hasattr(self.model, "lora_config"):
             from .lora import load_adapter_into
 
-            load_adapter_into(self.model, ckpt / "adapter")
+            load_adapter_into(self.model, ckpt / "adapter", weights)
         else:
-            from ..checkpoint import load
-
-            saved = load(ckpt, dtype=torch.float32)
-            self.model.load_state_dict(saved.state_dict())
+            mine, theirs = config_to_hf(self.model.config), config_to_hf(weights.config)
+            differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            if differ:
+                raise ValueError(f"--resume: the model of {ckpt} differs from the one this config builds in "
+                                 f"{differ} (a changed tokenizer or preset?)")
+            self.model.load_state_dict(weights.state_dict())
         self.balancer.load_biases(biases, str(ckpt))
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
+        try:
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
+            set_rng_state(state["rng"])
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+            raise ValueError(f"--resume: {ckpt}: its optimizer, scheduler or RNG state does not fit this run "
+                             f"({type(e).__name__}: {e})") from None
         self.data.state = dict(state["data"])
-        set_rng_state(state["rng"])
         self.step = state["step"]
+        for d in damaged:
+            log.warning("--resume: resuming from %s; moved the damaged %s aside to %s", ckpt.name, d.name,
+                        move_aside(d).name)
         # Forget metrics logged after that checkpoint: the resumed run logs those steps again.
         metrics = self.out / "metrics.jsonl"
         if metrics.is_file():
             keep = [ln for ln in metrics.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
             metrics.write_text("".join(ln + "\n" for ln in keep))
+
+    @staticmethod
+    def _read_checkpoint(ckpt: Path):
+        """(state, biases, weights) of a checkpoint, read whole: the model, or the adapter file for LoRA."""
+        state, biases = load_train_state(ckpt)
+        if (ckpt / "adapter").is_dir():
+            from .lora import ADAPTER_FILE
+
+            weights = Snapshot(ckpt).file(f"adapter/{ADAPTER_FILE}")
+            if weights is None:
+                raise FileNotFoundError(f"{ckpt}: no adapter/{ADAPTER_FILE}")
+            read_header(weights)  # whole and well formed
+            return state, biases, weights
+        from ..checkpoint import load
+
+        return state, biases, load(ckpt, dtype=torch.float32)
 
     def train(self) -> Path:
         cfg, t = self.cfg, self.cfg.train
@@ -277,10 +319,11 @@ class Trainer:
             pixels = None if b.pixel_values is None else b.pixel_values.to(self.device)
             doc_pos = None if b.doc_pos is None else b.doc_pos.to(self.device)
             self.balancer.begin()
+            mask = b.token_mask.to(self.device, non_blocking=True)
             with cached(), self.autocast():
-                h_BTD = model(ids, pixels, return_hidden=True, doc_pos=doc_pos)
+                h_BTD = model(ids, pixels, return_hidden=True, doc_pos=doc_pos, token_mask=mask)
                 keep = labels != IGNORE
-                loss = chunked_cross_entropy(h_BTD[keep], model.output.weight, labels[keep],
+                loss = chunked_cross_entropy(h_BTD[keep], model.output, labels[keep],
                                              chunk=t.loss_chunk, norm=n_targets)
                 aux = self.balancer.collect()
                 total = loss if aux is None else loss + aux / t.grad_accum

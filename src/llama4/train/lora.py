@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..checkpoint.atomic import FileData, write_checkpoint
+from ..checkpoint.hf import BIAS_FILE, apply_expert_bias, read_expert_bias
+from ..checkpoint.safetensors_io import write_safetensors
 from ..model.attention import Attention
-from ..model.moe import Experts
+from ..model.experts import Experts
 
+CHECKPOINT_WRAPPER_PREFIX = "._checkpoint_wrapped_module"  # what torch's checkpoint_wrapper adds to names
 ADAPTER_FILE, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 
 
@@ -42,12 +45,14 @@ def _targets(model: nn.Module, targets: list[str]) -> list[tuple[str, nn.Module,
     """(module path, module, parameter name) for every weight LoRA adapts."""
     out = []
     for name, mod in model.named_modules():
+        # Activation checkpointing wraps blocks (train/loop.py); adapter keys keep the plain names.
+        name = name.replace(CHECKPOINT_WRAPPER_PREFIX, "")
         if name.startswith("vision"):
             continue
         if "attention" in targets and isinstance(mod, Attention):
             out += [(f"{name}.{p}", getattr(mod, p), "weight") for p in ("wq", "wk", "wv", "wo")]
         if "experts" in targets and isinstance(mod, Experts):
-            out += [(name, mod, "w_gate_up_EDF2"), (name, mod, "w_down_EFD")]
+            out += [(name, mod, "gate_up_proj"), (name, mod, "down_proj")]
     return out
 
 
@@ -80,15 +85,17 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def adapter_files(model: nn.Module) -> dict[str, FileData]:
+    """`adapter_model.safetensors` + `adapter_config.json`, for `write_checkpoint`."""
+    state = adapter_state(model)
+    return {ADAPTER_FILE: lambda f: write_safetensors(f, state, {"format": "pt"}),
+            ADAPTER_CONFIG: json.dumps(model.lora_config, indent=2).encode()}
+
+
 def save_adapter(model: nn.Module, path: str | Path) -> Path:
-    """`adapter_model.safetensors` + `adapter_config.json` in `path` (written to temp names, then renamed)."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(adapter_state(model), str(path / f".{ADAPTER_FILE}.tmp"))
-    (path / f".{ADAPTER_CONFIG}.tmp").write_text(json.dumps(model.lora_config, indent=2))
-    os.replace(path / f".{ADAPTER_FILE}.tmp", path / ADAPTER_FILE)
-    os.replace(path / f".{ADAPTER_CONFIG}.tmp", path / ADAPTER_CONFIG)
-    return path
+    """The adapter files in directory `path`, written atomically (checkpoint/atomic.py)."""
+    write_checkpoint(path, adapter_files(model))
+    return Path(path)
 
 
 def read_adapter_config(path: str | Path) -> dict:
@@ -103,10 +110,14 @@ def read_adapter_config(path: str | Path) -> dict:
 
 
 @torch.no_grad()
-def load_adapter_into(model: nn.Module, path: str | Path) -> None:
-    """Copy saved adapter weights into a model that already has adapters of the same shape."""
-    f = Path(path) / ADAPTER_FILE
-    state = load_file(str(f))
+def load_adapter_into(model: nn.Module, path: str | Path, file: Path | None = None) -> None:
+    """Copy saved adapter weights (`file`, default `path`/adapter_model.safetensors) into a model that
+    already has adapters of the same shape."""
+    f = file or Path(path) / ADAPTER_FILE
+    try:
+        state = load_file(str(f))
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"{f}: not a readable safetensors file ({e})") from None
     for key, lora in _adapters(model):
         for part in ("lora_A", "lora_B"):
             t = state.get(f"{key}.{part}")
@@ -133,10 +144,8 @@ def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path) -> Pat
     model = load(base, dtype=torch.float32)
     add_lora(model, cfg["rank"], cfg["alpha"], cfg["targets"])
     load_adapter_into(model, adapter)
-    out = save(merge_lora(model), out)
-    # Routing biases (beside the weights): the adapter's, from its fine-tuning run, else the base's.
-    for bias in (Path(adapter) / "expert_bias.json", Path(base) / "expert_bias.json"):
-        if bias.is_file():
-            shutil.copyfile(bias, out / bias.name)
-            break
-    return out
+    # Routing biases: the adapter's, from its fine-tuning run, else the base's (which `load` applied).
+    bias = Path(adapter) / BIAS_FILE
+    if bias.is_file():
+        apply_expert_bias(model, read_expert_bias(bias), bias)
+    return save(merge_lora(model), out)

@@ -1,0 +1,306 @@
+"""Weight-only quantization: int8 per channel, int4 group-wise, fp8 e4m3 per channel.
+
+A quantized weight is stored the way its kernel wants it and multiplied without materialising the
+full-precision matrix where a kernel exists. Every scheme is symmetric (no zero points) and scales
+one output row (int4: one group of input columns of one row) by an fp32 scale, the convention of
+compressed-tensors, which writes what `llama4 quantize` saves.
+
+Kernels measured on this project's CPU (figures in docs/quantization.md):
+- int8: `torch._weight_int8pack_mm` for bf16 activations up to `INT8_KERNEL_MAX_ROWS` rows (it is
+  up to 9x faster than a bf16 matmul at one row, slower at many), dequantize + bf16 matmul above.
+- int4: `torch._weight_int4pack_mm_for_cpu` on weights packed once by
+  `torch._convert_weight_to_int4pack_for_cpu` (needs N % 16 == 0); a nibble layout with dequantize
+  + matmul where that packing is impossible or off the CPU.
+- fp8: W8A8 with dynamic per-token activation scales (the scheme of the official FP8 checkpoints).
+  On CUDA `torch._scaled_mm` (unverified here: no GPU). On CPU no kernel beats dequantize + matmul
+  (`torch._scaled_mm` on CPU is slower still): activations are rounded to fp8 per token and the
+  weights converted by bit shifts, 3x faster than `.to()`.
+fp32 activations go through the bf16 kernels (the int kernels are 10-40x slower with fp32 inputs).
+
+Shape legend: M rows of activations, N output features, K input features, G groups per row (K / g),
+E experts, R routed rows, D model dim, F expert hidden.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SCHEMES = ("int8", "int4", "fp8")
+INT4_GROUP_SIZES = (32, 64, 128)
+INT8_KERNEL_MAX_ROWS = 32
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """`name` is int8 | int4 | fp8; `group_size` applies to int4 only (columns sharing one scale)."""
+
+    name: str
+    group_size: int = 128
+
+    def __post_init__(self):
+        if self.name not in SCHEMES:
+            raise ValueError(f"quantization scheme {self.name!r}: expected one of {', '.join(SCHEMES)}")
+        if self.name == "int4" and self.group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"int4 group size {self.group_size}: expected one of {INT4_GROUP_SIZES}")
+
+    @property
+    def bits(self) -> int:
+        return 4 if self.name == "int4" else 8
+
+    def __str__(self) -> str:
+        return f"int4-g{self.group_size}" if self.name == "int4" else self.name
+
+
+def as_scheme(spec: str | QuantScheme, group_size: int | None = None) -> QuantScheme:
+    """A scheme from 'int8', 'fp8', 'int4' (group 128) or 'int4-g64'."""
+    if isinstance(spec, QuantScheme):
+        return spec
+    name, _, g = str(spec).partition("-g")
+    if g and not g.isdigit():
+        raise ValueError(f"quantization scheme {spec!r}: expected int8, fp8, int4 or int4-g<group size>")
+    return QuantScheme(name, int(g) if g else (group_size or 128))
+
+
+# Quantize / dequantize one [N, K] matrix (the checkpoint form: integer or fp8 values + fp32 scales) ---
+
+def quantize_weight(w_NK: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q_NK, scale): int8 q with scale [N, 1]; int4 q (int8 holding -8..7) with scale [N, G];
+    fp8 q with scale [N, 1]. Symmetric min-max, as compressed-tensors' observers compute it."""
+    w = w_NK.float()
+    N, K = w.shape
+    if scheme.name == "fp8":
+        scale = (w.abs().amax(1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
+        return (w / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+    if scheme.name == "int8":
+        scale = (w.abs().amax(1, keepdim=True) / 127.5).clamp(min=1e-12)
+        return (w / scale).round().clamp(-128, 127).to(torch.int8), scale
+    g = scheme.group_size
+    if K % g:
+        raise ValueError(f"int4 group size {g} does not divide the input dim {K} of a [{N}, {K}] weight")
+    w_NGg = w.reshape(N, K // g, g)
+    scale = (w_NGg.abs().amax(-1) / 7.5).clamp(min=1e-12)
+    q = (w_NGg / scale[..., None]).round().clamp(-8, 7)
+    return q.reshape(N, K).to(torch.int8), scale
+
+
+def dequantize_weight(q_NK: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The reference: values times scales in fp32 (a [N, G] scale repeats over K / G columns)."""
+    N, K = q_NK.shape
+    scale = scale.float().reshape(N, -1)
+    return (q_NK.float().reshape(N, scale.shape[1], -1) * scale[..., None]).reshape(N, K).to(dtype)
+
+
+def fp8_to(q: torch.Tensor, scale_N1: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp8 e4m3 -> `dtype`, times the row scales. The fp8 bits shifted into a bf16's place are the
+    same value times 2^-120 (subnormals included: both formats' subnormals line up), so one integer
+    shift and one multiply replace `.to()`, which is 3x slower on CPU. NaN is not preserved."""
+    x = q.view(torch.uint8).to(torch.int16)
+    bits = ((x & 0x80) << 8) | ((x & 0x7F) << 4)
+    return (bits.view(torch.bfloat16).to(dtype) * (scale_N1.float() * 2.0**120).to(dtype))
+
+
+def _unpack_nibbles(p: torch.Tensor, K: int) -> torch.Tensor:
+    """[..., K/2] uint8 (low nibble = even column) -> [..., K] int8 in -8..7."""
+    s = p.view(torch.int8)
+    lo, hi = (s << 4) >> 4, s >> 4
+    return torch.stack([lo, hi], -1).reshape(*p.shape[:-1], K)
+
+
+def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    return ((q[..., 1::2] << 4) | (q[..., 0::2] & 0xF)).view(torch.uint8)
+
+
+def int4_cpu_packable(N: int, K: int, group_size: int) -> bool:
+    return N % 16 == 0 and K % group_size == 0 and K % 2 == 0
+
+
+# Stacked quantized matrices: E of them, [E, N, K] each, in their kernel's layout ---------------------
+
+class QuantMatrices(nn.Module):
+    """E quantized [N, K] matrices (E = 1 for a linear layer) and `mm(e, x_MK) -> [M, N]`.
+
+    Buffers (persistent, so `state_dict` shows the stored form):
+      int8  q [E, N, K] int8,           scale [E, N] fp32
+      int4  q [E, N, K/2] uint8 packed, scale_zeros [E, G, N, 2] bf16 (CPU kernel layout, zeros 0)
+            or, `layout == "nibble"`:   q [E, N, K/2] uint8 nibbles, scale [E, N, G] fp32
+      fp8   q [E, N, K] float8_e4m3fn,  scale [E, N] fp32
+    """
+
+    def __init__(self, E: int, N: int, K: int, scheme: QuantScheme, device: torch.device | str | None = None):
+        super().__init__()
+        self.E, self.N, self.K, self.scheme = E, N, K, scheme
+        self.act_scale_ub: float | None = None  # fp8 only: see fp8_per_token
+        device = torch.device(device or "cpu")
+        kw = {"device": device}
+        if scheme.name == "int4":
+            g = scheme.group_size
+            if K % g:
+                raise ValueError(f"int4 group size {g} does not divide the input dim {K}")
+            cpu_ok = device.type in ("cpu", "meta") and int4_cpu_packable(N, K, g)
+            self.layout = "cpu-int4pack" if cpu_ok else "nibble"
+            self.register_buffer("q", torch.empty(E, N, K // 2, dtype=torch.uint8, **kw))
+            if cpu_ok:
+                self.register_buffer("scale_zeros", torch.empty(E, K // g, N, 2, dtype=torch.bfloat16, **kw))
+            else:
+                self.register_buffer("scale", torch.empty(E, N, K // g, **kw))
+        else:
+            self.layout = "rows"
+            dt = torch.int8 if scheme.name == "int8" else torch.float8_e4m3fn
+            self.register_buffer("q", torch.empty(E, N, K, dtype=dt, **kw))
+            self.register_buffer("scale", torch.empty(E, N, **kw))
+
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) must move these buffers but never recast them: fp8 values are
+        # floating point to torch, and fp32 scales would lose bits as bf16.
+        def keep_dtype(t):
+            out = fn(t)
+            return out if out.dtype == t.dtype else t.to(out.device)
+        return super()._apply(keep_dtype, recurse)
+
+    @torch.no_grad()
+    def set(self, e: int, q_NK: torch.Tensor, scale: torch.Tensor) -> None:
+        """Store matrix `e` from its checkpoint form (`quantize_weight`'s output)."""
+        if tuple(q_NK.shape) != (self.N, self.K):
+            raise ValueError(f"quantized weight of shape {list(q_NK.shape)}; expected [{self.N}, {self.K}]")
+        if self.scheme.name == "int4":
+            q8 = q_NK.to(torch.int8)
+            s_NG = scale.float().reshape(self.N, -1)
+            if self.layout == "cpu-int4pack":
+                # The kernel's unsigned nibble u = q + 8 with zero 0 gives (u - 8) * scale = q * scale.
+                u = (q8.to(torch.int32) + 8).cpu()
+                self.q[e].copy_(torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1))
+                sz = torch.stack([s_NG.t(), torch.zeros_like(s_NG.t())], -1)
+                self.scale_zeros[e].copy_(sz)
+            else:
+                self.q[e].copy_(_pack_nibbles(q8))
+                self.scale[e].copy_(s_NG)
+        else:
+            self.q[e].copy_(q_NK)
+            self.scale[e].copy_(scale.float().reshape(self.N))
+
+    @torch.no_grad()
+    def set_float(self, e: int, w_NK: torch.Tensor) -> None:
+        self.set(e, *quantize_weight(w_NK, self.scheme))
+
+    def dequantize(self, e: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Matrix `e` as [N, K] in `dtype`."""
+        if self.scheme.name == "fp8":
+            return fp8_to(self.q[e], self.scale[e][:, None], dtype)
+        if self.scheme.name == "int8":
+            return self.q[e].to(dtype) * self.scale[e][:, None].to(dtype)
+        if self.layout == "cpu-int4pack":
+            # No unpacking routine for the kernel's layout: multiply the identity instead (tests only).
+            eye = torch.eye(self.K, dtype=torch.bfloat16, device=self.q.device)
+            return self._int4_kernel(e, eye).t().to(dtype)
+        return dequantize_weight(_unpack_nibbles(self.q[e], self.K), self.scale[e], dtype)
+
+    def _int4_kernel(self, e: int, x_MK: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int4pack_mm_for_cpu(x_MK, self.q[e], self.scheme.group_size, self.scale_zeros[e])
+
+    def mm(self, e: int, x_MK: torch.Tensor) -> torch.Tensor:
+        """x @ W_e^T, [M, N] in x's dtype."""
+        dt = x_MK.dtype
+        name = self.scheme.name
+        if name == "int8" and x_MK.device.type == "cpu":
+            if x_MK.shape[0] <= INT8_KERNEL_MAX_ROWS:
+                xb = x_MK.to(torch.bfloat16)
+                return torch._weight_int8pack_mm(xb, self.q[e], self.scale[e].to(torch.bfloat16)).to(dt)
+            return x_MK @ self.dequantize(e, torch.bfloat16 if dt == torch.bfloat16 else dt).t()
+        if name == "int4" and self.layout == "cpu-int4pack":
+            if x_MK.device.type != "cpu":
+                raise ValueError("int4 weights were packed for the CPU kernel; quantize again on the target device")
+            return self._int4_kernel(e, x_MK.to(torch.bfloat16).contiguous()).to(dt)
+        if name == "fp8":
+            if x_MK.is_cuda and torch.cuda.get_device_capability(x_MK.device) >= (8, 9):
+                return _fp8_scaled_mm(x_MK, self.q[e], self.scale[e], self.act_scale_ub)
+            # The same W8A8 arithmetic as the CUDA kernel and the checkpoint's declared scheme:
+            # activations rounded to fp8 per token, then a matmul of the dequantized operands.
+            xq, x_scale_M1 = fp8_per_token(x_MK, self.act_scale_ub)
+            return (xq.to(dt) * x_scale_M1.to(dt)) @ self.dequantize(e, dt).t()
+        return x_MK @ self.dequantize(e, dt).t()
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
+def fp8_per_token(x_MK: torch.Tensor, scale_ub: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token fp8 activations: (x_q [M, K] fp8, scale [M, 1] fp32). `scale_ub` caps a
+    row's absolute max before scaling (fbgemm's activation_scale_ub: 1200 in Meta's recipe)."""
+    amax = x_MK.abs().amax(-1, keepdim=True).float()
+    if scale_ub is not None:
+        amax = amax.clamp(max=scale_ub)
+    x_scale_M1 = (amax / FP8_MAX).clamp(min=1e-12)
+    return (x_MK.float() / x_scale_M1).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), x_scale_M1
+
+
+def _fp8_scaled_mm(x_MK: torch.Tensor, q_NK: torch.Tensor, scale_N: torch.Tensor,
+                   scale_ub: float | None) -> torch.Tensor:
+    """W8A8 on CUDA: per-token dynamic activation scales, per-channel weight scales (unverified here)."""
+    xq, x_scale_M1 = fp8_per_token(x_MK, scale_ub)
+    return torch._scaled_mm(xq, q_NK.t(), scale_a=x_scale_M1, scale_b=scale_N.float()[None, :].contiguous(),
+                            out_dtype=x_MK.dtype)
+
+
+# Modules --------------------------------------------------------------------------------------------
+
+class QuantExperts(nn.Module):
+    """Routed experts with quantized weights; the `Experts(x_RD, counts_E)` interface.
+
+    gate_up holds E matrices [2F, D] (gate rows, then up rows, the HF fused layout transposed) and
+    down E matrices [D, F]. Only experts that received rows are read, once per routed group.
+    """
+
+    def __init__(self, n_experts: int, dim: int, hidden: int, scheme: QuantScheme,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        self.scheme = scheme
+        self.gate_up = QuantMatrices(n_experts, 2 * hidden, dim, scheme, device)
+        self.down = QuantMatrices(n_experts, dim, hidden, scheme, device)
+
+    @classmethod
+    @torch.no_grad()
+    def from_float(cls, gate_up_EDF2: torch.Tensor, down_EFD: torch.Tensor, scheme: QuantScheme) -> "QuantExperts":
+        """From the fused HF layout: gate_up [E, D, 2F], down [E, F, D]."""
+        E, D, F2 = gate_up_EDF2.shape
+        out = cls(E, D, F2 // 2, scheme, gate_up_EDF2.device)
+        for e in range(E):
+            out.gate_up.set_float(e, gate_up_EDF2[e].t())
+            out.down.set_float(e, down_EFD[e].t())
+        return out
+
+    def forward(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """`x_RD` is sorted by expert; expert e owns the next `counts_E[e]` rows."""
+        sizes = counts_E.tolist()
+        used = [e for e, n in enumerate(sizes) if n]
+        if not used:
+            return torch.empty_like(x_RD)
+        x_per_expert = x_RD.split(sizes)
+        h_RF2 = torch.cat([self.gate_up.mm(e, x_per_expert[e]) for e in used])
+        gate, up = h_RF2.chunk(2, dim=-1)
+        a_per_expert = (F.silu(gate) * up).split([sizes[e] for e in used])
+        return torch.cat([self.down.mm(e, a) for a, e in zip(a_per_expert, used)])
+
+
+class QuantLinear(nn.Module):
+    """A bias-free nn.Linear with a quantized weight [out, in]."""
+
+    def __init__(self, in_features: int, out_features: int, scheme: QuantScheme,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        self.w = QuantMatrices(1, out_features, in_features, scheme, device)
+
+    @classmethod
+    @torch.no_grad()
+    def from_float(cls, linear: nn.Linear, scheme: QuantScheme) -> "QuantLinear":
+        out = cls(linear.in_features, linear.out_features, scheme, linear.weight.device)
+        out.w.set_float(0, linear.weight)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w.mm(0, x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], self.out_features)
