@@ -46,7 +46,8 @@ _ALLOWED = {
      ("torch", "int64"), ("torch", "int32"), ("torch", "uint8"), ("torch", "bool"), ("torch", "int8"),
      ("torch", "strided"), ("torch", "contiguous_format"), ("torch", "preserve_format"),
      ("torch", "channels_last"), ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
-     ("pathlib", "PosixPath"), ("uuid", "UUID")}
+     ("pathlib", "PosixPath"), ("uuid", "UUID"),
+     ("torch.serialization", "_get_layout")}  # maps a name to a torch.layout, nothing else
 
 
 class _MetadataUnpickler(pickle.Unpickler):

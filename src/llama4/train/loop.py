@@ -195,7 +195,7 @@ class Trainer:
             self.params = [p for p in self.model.parameters() if p.requires_grad]
         if t.activation_checkpointing:
             checkpoint_layers(self.model)
-        self.opt = make_optimizer(self.params, cfg)
+        self.opt = self.build_optimizer()
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
         self.balancer = ExpertBalancer(self.model, cfg.moe.bias_update_rate, cfg.moe.aux_loss_coef)
         bf16 = t.bf16 if t.bf16 != "auto" else self.device.type == "cuda"
@@ -209,6 +209,9 @@ class Trainer:
 
     def build_model(self) -> Llama4:  # hook
         return build_model(self.cfg, self.tok, self.device)
+
+    def build_optimizer(self) -> torch.optim.Optimizer:  # hook
+        return make_optimizer(self.params, self.cfg)
 
     def count_targets(self, batches: list) -> int:  # hook: the step's target tokens, over every rank
         return sum(b.n_targets for b in batches)

@@ -138,7 +138,13 @@ def _tensor_parallel(model: nn.Module, tp_mesh, tp: int) -> None:
         # Each rank now computes its own heads: the local views in forward need the local counts.
         attn.n_heads, attn.n_kv = attn.n_heads // tp, attn.n_kv // tp
         ffn = block.feed_forward
-        parallelize_module(ffn.shared_expert if hasattr(ffn, "experts") else ffn, tp_mesh, ffn_plan)
+        if hasattr(ffn, "experts"):
+            parallelize_module(ffn.shared_expert, tp_mesh, ffn_plan)
+            # The MoE adds the routed rows into the shared expert's output in place; a DTensor's local
+            # output is a view autograd forbids modifying, so hand the MoE a copy.
+            ffn.shared_expert.register_forward_hook(lambda mod, args, out: out.clone())
+        else:
+            parallelize_module(ffn, tp_mesh, ffn_plan)
 
 
 def _fully_shard(model: nn.Module, mesh, plan: Plan) -> None:

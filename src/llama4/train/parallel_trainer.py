@@ -6,7 +6,8 @@ What keeps N ranks equal to one process:
     `batch_size / dp` rows (tensor-parallel ranks share theirs);
   - each rank's loss is divided by the *global* target count and gradients are summed, not averaged
     (`parallelize`), so the reduced gradient is the one-process gradient;
-  - expert token counts are summed over all data-parallel ranks before the bias / aux-loss step;
+  - expert token counts are summed over all ranks before the bias step (`ExpertBalancer.step`; the
+    tensor-parallel ranks' identical counts scale every expert alike, so loads and signs are unchanged);
   - the gradient norm for clipping is taken over every shard on every mesh.
 Logs, metrics, plots and progress come from rank 0 only.
 """
@@ -58,7 +59,6 @@ class ParallelTrainer(Trainer):
             raise ValueError(f"data.batch_size={cfg.data.batch_size} is the global batch; it must divide over "
                              f"the {self.dp} data-parallel ranks of plan [{self.plan}]")
         self._shard_data()
-        self._reduce_expert_counts()
         self.ckpt_group = dist.new_group(backend="gloo")
 
     # Model -------------------------------------------------------------------------------------------
@@ -69,6 +69,15 @@ class ParallelTrainer(Trainer):
                               tp=p.tp, ep=p.ep, compile=p.compile, checkpointing=self.checkpointing)
         self.mesh = build_mesh(self.plan, self.device.type)
         return parallelize(model, self.mesh, self.plan)
+
+    def build_optimizer(self):
+        opt = super().build_optimizer()
+        if len({isinstance(p, DTensor) for p in self.params}) > 1:
+            # Tensor parallel without FSDP leaves norms and router plain beside DTensor shards; the fused
+            # and foreach kernels take one kind per call, so step parameter by parameter.
+            for g in opt.param_groups:
+                g["fused"], g["foreach"] = False, False
+        return opt
 
     # Data --------------------------------------------------------------------------------------------
     def _shard_data(self) -> None:
@@ -81,15 +90,6 @@ class ParallelTrainer(Trainer):
 
     def count_targets(self, batches: list) -> int:
         return int(all_sum([sum(b.n_targets for b in batches)], self.dp_group)[0])
-
-    def _reduce_expert_counts(self) -> None:
-        bal, step = self.balancer, self.balancer.step
-
-        def reduced_step():
-            if bal.moes:
-                dist.all_reduce(bal.counts_LE, group=self.dp_group)
-            return step()
-        bal.step = reduced_step
 
     # Step --------------------------------------------------------------------------------------------
     def clip_gradients(self, max_norm: float) -> torch.Tensor:
