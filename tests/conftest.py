@@ -142,3 +142,51 @@ def in_child(fn, kill_after_step: int | None = None, kill_after_s: float | None 
     with os.fdopen(r, "rb") as f:
         steps = len(f.read())
     return status, steps
+
+
+class LiveServer:
+    """`llama4 serve`'s app on a real uvicorn server on 127.0.0.1 at a free port, in a thread."""
+
+    def __init__(self, model, tokenizer, *, kv_memory: int = 32 << 20, block_size: int = 16, max_running: int = 64,
+                 prefill_chunk: int = 64, **cfg):
+        import socket
+        import threading
+
+        import uvicorn
+
+        from llama4.cli.serve import build_engine
+        from llama4.serve.app import ServeConfig, create_app
+
+        self.engine = build_engine(model, tokenizer, kv_memory=kv_memory, block_size=block_size,
+                                   max_running=max_running, prefill_chunk=prefill_chunk)
+        self.app = create_app(self.engine, tokenizer, ServeConfig(**{"model_name": "tiny", **cfg}))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    timeout_graceful_shutdown=cfg.get("shutdown_timeout", 10)))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "LiveServer":
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def client(self, api_key: str = "none", **kw):
+        import openai
+
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=60, **kw)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

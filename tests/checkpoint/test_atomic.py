@@ -260,3 +260,28 @@ def test_manifest_lists_exactly_what_save_wrote(models, tmp_path):
     man = json.loads((target / ".llama4-save.json").read_text())
     assert man["pending"] == [] and man["commit"] is None
     assert set(man["files"]) == {p.name for p in target.iterdir() if not p.name.startswith(".")}
+
+
+def test_planted_manifest_cannot_reach_outside_the_directory(models, tmp_path):
+    """A manifest planted in a shared directory: deleting or renaming through a symlinked subdirectory, or
+    redirecting config.json to another file, is refused (save) or ignored (load)."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious.txt").write_text("keep me")
+    target = tmp_path / "c"
+    llama4.save(models["A"], target)
+    (target / "sub").symlink_to(outside)
+    man = json.loads((target / ".llama4-save.json").read_text())
+    for commit in ({"rename": [], "delete": ["sub/precious.txt"]},
+                   {"rename": [[".model.safetensors.llama4-tmp-1", "sub/precious.txt"]], "delete": []},
+                   {"rename": [["../outside/precious.txt", "config.json"]], "delete": []}):
+        (target / ".llama4-save.json").write_text(json.dumps({**man, "commit": commit}))
+        assert which(target, models) == "A"
+        with pytest.raises(ValueError, match="damaged manifest"):
+            llama4.save(models["B"], target)
+        assert (outside / "precious.txt").read_text() == "keep me"
+    # A stand-in must be the temporary of its own final name: not another file of the directory.
+    (target / "notes.json").write_text("{}")
+    (target / ".llama4-save.json").write_text(json.dumps({**man, "commit": {"rename": [["notes.json", "config.json"]],
+                                                                            "delete": []}}))
+    assert which(target, models) == "A"

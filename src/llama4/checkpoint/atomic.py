@@ -246,15 +246,7 @@ def _read_manifest(d: Path, strict: bool = True) -> dict | None:
         return None
     try:
         man = json.loads(f.read_text())
-        ok = isinstance(man, dict) and man.get("llama4_save") == 1 and \
-            all(isinstance(man.get(k), list) and all(isinstance(x, str) for x in man[k]) for k in ("files", "pending"))
-        commit = man.get("commit") if ok else None
-        ok = ok and (commit is None or (isinstance(commit, dict) and isinstance(commit.get("delete"), list) and
-                                        isinstance(commit.get("rename"), list) and
-                                        all(isinstance(p, list) and len(p) == 2 for p in commit["rename"])))
-        for name in (man["files"] + man["pending"] + (commit["delete"] + [x for p in commit["rename"] for x in p]
-                                                      if commit else [])) if ok else []:
-            _check_name(name)
+        ok = _valid_manifest(d, man)
     except (OSError, ValueError, UnicodeDecodeError):
         ok = False
     if ok:
@@ -263,6 +255,35 @@ def _read_manifest(d: Path, strict: bool = True) -> dict | None:
         raise ValueError(f"{f}: damaged manifest of llama4 saves; without it the files there cannot be told "
                          f"apart from others', so nothing is replaced. Save to a new directory")
     return None
+
+
+def _valid_manifest(d: Path, man) -> bool:
+    """Well formed, and naming only files inside `d` (no `..`, no absolute paths, no subdirectory that is a
+    symlink out of it) with renames only from a temporary to its own final name: a manifest planted in a
+    shared directory can neither make a save touch files elsewhere nor make a load read them."""
+    if not (isinstance(man, dict) and man.get("llama4_save") == 1 and
+            all(isinstance(man.get(k), list) and all(isinstance(x, str) for x in man[k]) for k in ("files", "pending"))):
+        return False
+    commit = man.get("commit")
+    if commit is not None:
+        if not (isinstance(commit, dict) and isinstance(commit.get("delete"), list) and
+                isinstance(commit.get("rename"), list) and
+                all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in commit["rename"])
+                and all(isinstance(x, str) for x in commit["delete"])):
+            return False
+        for tmp, final in commit["rename"]:
+            t, f = PurePosixPath(tmp), PurePosixPath(final)
+            if t.parent != f.parent or not t.name.startswith(f".{f.name}{_TMP}"):
+                return False
+    names = man["files"] + man["pending"] + (commit["delete"] + [x for p in commit["rename"] for x in p] if commit
+                                             else [])
+    base = os.path.realpath(d)
+    for name in names:
+        _check_name(name)
+        parent = os.path.realpath(os.path.join(d, os.path.dirname(name)))
+        if parent != base and not parent.startswith(base + os.sep):
+            return False
+    return True
 
 
 # Small helpers --------------------------------------------------------------------------------------------
