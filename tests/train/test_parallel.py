@@ -176,3 +176,60 @@ def test_dcp_resume_on_another_world_size(tok, tmp_path, single, before, after):
     hf = export_hf(out / "checkpoints" / "step_0000020", tmp_path / "hf", dtype=torch.float32)
     model = llama4.load(hf)
     assert model.layers[1].feed_forward.expert_bias.abs().sum() > 0
+
+
+# Planner against measured shards -----------------------------------------------------------------------
+def _state_bytes_worker(plan_kw: dict) -> float:
+    """Bytes this rank holds for weights, gradients and AdamW moments after one FSDP(+EP) step."""
+    import torch.distributed as dist
+
+    from llama4.model import Llama4
+    from llama4.train.parallel import build_mesh, parallelize
+
+    cfg = preset("tiny").replace(num_hidden_layers=2, vocab_size=4096)
+    cfg.vision = None
+    torch.manual_seed(0)
+    model = Llama4(cfg).init_weights(seed=0)
+    plan = make_plan(dist.get_world_size(), cfg.text, **plan_kw)
+    parallelize(model, build_mesh(plan, "cpu"), plan)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, 4096, (1, 16))
+    model(ids).float().square().mean().backward()
+    opt.step()
+
+    def local(t):
+        return t.to_local() if hasattr(t, "to_local") else t
+    total = 0
+    for p in model.parameters():
+        total += 2 * local(p).numel() * 4  # weight + gradient, fp32
+        st = opt.state[p]
+        total += sum(local(st[k]).numel() * 4 for k in ("exp_avg", "exp_avg_sq"))
+    return float(total)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world,plan_kw", [(2, {"ep": 2}), (4, {"ep": 2})])
+def test_planner_training_state_matches_measured_shards(world, plan_kw):
+    from llama4.planner import Request, estimate
+
+    cfg = preset("tiny").replace(num_hidden_layers=2, vocab_size=4096)
+    cfg.vision = None
+    measured = spawn(_state_bytes_worker, world, plan_kw)
+    est = estimate(cfg, Request(gpus=world, gpu_bytes=80e9, train=True), 1, plan_kw["ep"])
+    predicted = sum(v for k, v in est.terms.items() if k.startswith(("weights", "gradients", "optimizer")))
+    for m in measured:
+        assert abs(m - predicted) / m < 0.10, (m, predicted)
+
+
+def test_plan_cli_scout_10m_context_fits(capsys):
+    from llama4.cli import main
+
+    assert main(["plan", "--model", "scout", "--context", "10000000", "--gpus", "8xH200", "--kv-dtype", "fp8",
+                 "--quant", "int4"]) == 0
+    out = capsys.readouterr().out
+    for term in ("routed experts", "KV: chunked", "KV: global", "activations", "-> fits", "tp=8"):
+        assert term in out, out
+    assert main(["plan", "--model", "maverick", "--gpus", "8xH100"]) == 0  # bf16 Maverick: 800 GB
+    assert "does NOT fit" in capsys.readouterr().out
+    assert main(["plan", "--model", "scout", "--gpus", "8xQ9"]) == 2
+    assert "unknown GPU" in capsys.readouterr().err
