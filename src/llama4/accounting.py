@@ -69,3 +69,51 @@ def bytes_human(n: float) -> str:
             return f"{n:.4g} {suffix}"
         n /= 1024
     return f"{n} B"
+
+
+# Quantized weight memory (`llama4 inspect`) ---------------------------------------------------------
+
+# Usable memory of common accelerators, in bytes (marketing GB; H100/A100 "80GB" are 80 GiB parts).
+DEVICES = [("RTX 4090 24GB", 24 * 2**30), ("L40S 48GB", 48 * 2**30), ("H100 80GB", 80 * 2**30),
+           ("H200 141GB", 141 * 10**9)]
+
+
+def _bytes_per_param(scheme: str, group_size: int, in_features: int) -> float:
+    """Stored bytes per weight of a scheme, scales included (fp32, one per row or per group)."""
+    if scheme == "bf16":
+        return 2.0
+    if scheme == "int4":
+        return 0.5 + 4 / group_size
+    return 1.0 + 4 / in_features  # int8, fp8: one fp32 scale per output row
+
+
+def quantized_weight_bytes(cfg: Llama4Config, scheme: str, only: str = "experts", group_size: int = 128) -> dict[str, int]:
+    """Weight bytes with the routed experts (`only="experts+shared"`: and the shared experts, Meta's
+    int4_mixed; `"all"`: and every decoder linear but the router) stored in `scheme` ("bf16", "int8", "int4", "fp8") and everything else in bf16, as `llama4 quantize` writes."""
+    t = cfg.text
+    D, hd = t.hidden_size, t.head_dim
+    experts = shared = linears = 0
+    attn = D * hd * (2 * t.num_attention_heads + 2 * t.num_key_value_heads)
+    for i in range(t.num_hidden_layers):
+        linears += attn
+        if t.is_moe(i):
+            experts += t.num_local_experts * 3 * D * t.intermediate_size
+            shared += 3 * D * t.intermediate_size
+        else:
+            linears += 3 * D * t.intermediate_size_mlp
+    total = parameter_counts(cfg)["total"]
+    q_params = experts + {"experts": 0, "experts+shared": shared, "all": shared + linears}[only]
+    q_bytes = int(q_params * _bytes_per_param(scheme, group_size, D))
+    rest = (total - q_params) * 2
+    return {"quantized_params": q_params, "quantized": q_bytes, "rest": rest, "total": q_bytes + rest}
+
+
+def fits_on(nbytes: int) -> str:
+    """'1xH100 80GB' style: the fewest devices of each kind that hold `nbytes` of weights (no KV cache,
+    activations or framework overhead counted)."""
+    out = []
+    for name, cap in DEVICES:
+        n = -(-nbytes // cap)
+        if n <= 8:
+            out.append(f"{n}x{name}")
+    return ", ".join(out) if out else "more than 8 of any listed device"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..accounting import bytes_human, kv_bytes_per_token, kv_cache_bytes, parameter_counts
+from ..accounting import bytes_human, fits_on, kv_bytes_per_token, kv_cache_bytes, parameter_counts, quantized_weight_bytes
 from ..config import PRESETS, load_config, preset
 
 
@@ -42,6 +42,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"vision           ViT {v.num_hidden_layers} layers, D={v.hidden_size}, {v.image_size}px tiles, "
               f"patch {v.patch_size}, {v.tokens_per_tile} tokens/tile")
     print(f"parameters       total {counts['total']:,}  active {counts['active']:,}")
+    print_quantized_memory(cfg)
     per = kv_bytes_per_token(cfg, args.kv_bytes)
     print(f"kv-cache/token   local layers {bytes_human(per['local'])}, global layers {bytes_human(per['global'])} "
           f"({args.kv_bytes}-byte elements)")
@@ -52,6 +53,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"kv-cache @{ctx:>11,}  local {bytes_human(kv['local']):>11}  global {bytes_human(kv['global']):>11}  "
               f"total {bytes_human(kv['total']):>11}  (naive {bytes_human(naive)})")
     return 0
+
+
+def print_quantized_memory(cfg) -> None:
+    """Weight memory per quantization scheme (routed experts quantized, the rest bf16) and where it fits."""
+    for scheme, only, label in [("bf16", "experts", "bf16"), ("fp8", "experts", "fp8 experts"),
+                                ("int8", "experts", "int8 experts"), ("int4", "experts", "int4 experts (g128)"),
+                                ("int4", "experts+shared", "int4 +shared (Meta)")]:
+        b = quantized_weight_bytes(cfg, scheme, only)
+        detail = f"  (experts {b['quantized'] / 1e9:.1f} GB + rest {b['rest'] / 1e9:.1f} GB bf16)" \
+            if scheme != "bf16" else ""
+        print(f"weights {label:<20} {b['total'] / 1e9:8.1f} GB{detail}")
+        print(f"  fits on: {fits_on(b['total'])}")
 
 
 def add_inspect(sub) -> None:

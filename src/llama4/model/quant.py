@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .experts import Experts, Kernel, register_kernel
+
 SCHEMES = ("int8", "int4", "fp8")
 INT4_GROUP_SIZES = (32, 64, 128)
 INT8_KERNEL_MAX_ROWS = 32
@@ -135,6 +137,7 @@ class QuantMatrices(nn.Module):
         super().__init__()
         self.E, self.N, self.K, self.scheme = E, N, K, scheme
         self.act_scale_ub: float | None = None  # fp8 only: see fp8_per_token
+        self._scales_as: dict = {}
         device = torch.device(device or "cpu")
         kw = {"device": device}
         if scheme.name == "int4":
@@ -160,11 +163,21 @@ class QuantMatrices(nn.Module):
         def keep_dtype(t):
             out = fn(t)
             return out if out.dtype == t.dtype else t.to(out.device)
+        self._scales_as = {}
         return super()._apply(keep_dtype, recurse)
+
+    def _scale_as(self, e: int, dtype: torch.dtype) -> torch.Tensor:
+        """Row scales of matrix e in `dtype`, converted once (a per-call cast is a visible share of a
+        decode step's time)."""
+        key = (e, dtype)
+        if key not in self._scales_as:
+            self._scales_as[key] = self.scale[e].to(dtype)
+        return self._scales_as[key]
 
     @torch.no_grad()
     def set(self, e: int, q_NK: torch.Tensor, scale: torch.Tensor) -> None:
         """Store matrix `e` from its checkpoint form (`quantize_weight`'s output)."""
+        self._scales_as = {}
         if tuple(q_NK.shape) != (self.N, self.K):
             raise ValueError(f"quantized weight of shape {list(q_NK.shape)}; expected [{self.N}, {self.K}]")
         if self.scheme.name == "int4":
@@ -192,7 +205,7 @@ class QuantMatrices(nn.Module):
         if self.scheme.name == "fp8":
             return fp8_to(self.q[e], self.scale[e][:, None], dtype)
         if self.scheme.name == "int8":
-            return self.q[e].to(dtype) * self.scale[e][:, None].to(dtype)
+            return self.q[e].to(dtype) * self._scale_as(e, dtype)[:, None]
         if self.layout == "cpu-int4pack":
             # No unpacking routine for the kernel's layout: multiply the identity instead (tests only).
             eye = torch.eye(self.K, dtype=torch.bfloat16, device=self.q.device)
@@ -209,7 +222,7 @@ class QuantMatrices(nn.Module):
         if name == "int8" and x_MK.device.type == "cpu":
             if x_MK.shape[0] <= INT8_KERNEL_MAX_ROWS:
                 xb = x_MK.to(torch.bfloat16)
-                return torch._weight_int8pack_mm(xb, self.q[e], self.scale[e].to(torch.bfloat16)).to(dt)
+                return torch._weight_int8pack_mm(xb, self.q[e], self._scale_as(e, torch.bfloat16)).to(dt)
             return x_MK @ self.dequantize(e, torch.bfloat16 if dt == torch.bfloat16 else dt).t()
         if name == "int4" and self.layout == "cpu-int4pack":
             if x_MK.device.type != "cpu":
@@ -248,8 +261,10 @@ def _fp8_scaled_mm(x_MK: torch.Tensor, q_NK: torch.Tensor, scale_N: torch.Tensor
 
 # Modules --------------------------------------------------------------------------------------------
 
-class QuantExperts(nn.Module):
-    """Routed experts with quantized weights; the `Experts(x_RD, counts_E)` interface.
+class QuantExperts(Experts):
+    """Routed experts with quantized weights, behind the expert-kernel seam (`Experts.forward` picks
+    the kernel registered for `weight_format` = the scheme's name; the interface stays
+    `experts(x_RD, counts_E)`).
 
     gate_up holds E matrices [2F, D] (gate rows, then up rows, the HF fused layout transposed) and
     down E matrices [D, F]. Only experts that received rows are read, once per routed group.
@@ -257,10 +272,15 @@ class QuantExperts(nn.Module):
 
     def __init__(self, n_experts: int, dim: int, hidden: int, scheme: QuantScheme,
                  device: torch.device | str | None = None):
-        super().__init__()
+        nn.Module.__init__(self)  # not Experts.__init__: no float weights
         self.scheme = scheme
+        self.weight_format = scheme.name
+        self.kernel: str | None = None
         self.gate_up = QuantMatrices(n_experts, 2 * hidden, dim, scheme, device)
         self.down = QuantMatrices(n_experts, dim, hidden, scheme, device)
+
+    def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:
+        raise ValueError("quantized experts are made from trained weights (QuantExperts.from_float), not initialised")
 
     @classmethod
     @torch.no_grad()
@@ -273,17 +293,23 @@ class QuantExperts(nn.Module):
             out.down.set_float(e, down_EFD[e].t())
         return out
 
-    def forward(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """`x_RD` is sorted by expert; expert e owns the next `counts_E[e]` rows."""
-        sizes = counts_E.tolist()
-        used = [e for e, n in enumerate(sizes) if n]
-        if not used:
-            return torch.empty_like(x_RD)
-        x_per_expert = x_RD.split(sizes)
-        h_RF2 = torch.cat([self.gate_up.mm(e, x_per_expert[e]) for e in used])
-        gate, up = h_RF2.chunk(2, dim=-1)
-        a_per_expert = (F.silu(gate) * up).split([sizes[e] for e in used])
-        return torch.cat([self.down.mm(e, a) for a, e in zip(a_per_expert, used)])
+
+
+def _quant_loop_run(experts: QuantExperts, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """Per expert that has rows: the quantized gate_up and down kernels (`QuantMatrices.mm`)."""
+    sizes = counts_E.tolist()
+    used = [e for e, n in enumerate(sizes) if n]
+    if not used:
+        return x_RD.new_empty(x_RD.shape[0], experts.down.N)
+    x_per_expert = x_RD.split(sizes)
+    h_RF2 = torch.cat([experts.gate_up.mm(e, x_per_expert[e]) for e in used])
+    gate, up = h_RF2.chunk(2, dim=-1)
+    a_per_expert = (F.silu(gate) * up).split([sizes[e] for e in used])
+    return torch.cat([experts.down.mm(e, a) for a, e in zip(a_per_expert, used)])
+
+
+for _name in SCHEMES:
+    register_kernel(_name, Kernel("quant_loop", lambda experts, x_RD: True, _quant_loop_run))
 
 
 class QuantLinear(nn.Module):
