@@ -76,21 +76,25 @@ def _ep_worker(tokens_per_rank: list[int]) -> tuple[float, float, float]:
     y = moe(x)
     y.square().sum().backward()
     n = 8 // world
-    return (float((y - local(x)).abs().max()), float((x.grad - gx_local).abs().max()),
-            float((moe.experts.gate_up_proj.grad.to_local() - g_local[r * n:(r + 1) * n]).abs().max()))
+    def rel(a, b):  # error relative to the reference's scale (summed squares make large gradients)
+        return float((a - b).abs().max() / b.abs().max().clamp(min=1.0))
+    with torch.no_grad():
+        y_local = local(x)
+    return (rel(y.detach(), y_local), rel(x.grad, gx_local),
+            rel(moe.experts.gate_up_proj.grad.to_local(), g_local[r * n:(r + 1) * n]))
 
 
 def test_ep_all_to_all_equals_local_routing_with_idle_experts():
     # One rank routes a single token (top-2 of 8): most experts, and the other rank's whole half,
     # get no rows from it; outputs, input gradients and expert gradients still match.
     for dy, dx, dw in spawn(_ep_worker, 2, [9, 1]):
-        assert dy < 1e-5 and dx < 1e-5 and dw < 1e-4, (dy, dx, dw)
+        assert dy < 1e-5 and dx < 1e-5 and dw < 1e-5, (dy, dx, dw)
 
 
 @pytest.mark.slow
 def test_ep_all_to_all_four_ranks():
     for dy, dx, dw in spawn(_ep_worker, 4, [3, 1, 7, 2]):
-        assert dy < 1e-5 and dx < 1e-5 and dw < 1e-4, (dy, dx, dw)
+        assert dy < 1e-5 and dx < 1e-5 and dw < 1e-5, (dy, dx, dw)
 
 
 # torchrun training -------------------------------------------------------------------------------------
