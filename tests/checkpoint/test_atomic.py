@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import random
 import shutil
@@ -285,3 +286,17 @@ def test_planted_manifest_cannot_reach_outside_the_directory(models, tmp_path):
     (target / ".llama4-save.json").write_text(json.dumps({**man, "commit": {"rename": [["notes.json", "config.json"]],
                                                                             "delete": []}}))
     assert which(target, models) == "A"
+
+
+def test_target_that_is_a_file_and_legacy_leftovers(models, tmp_path, caplog):
+    (tmp_path / "f").write_text("a file")
+    with pytest.raises(ValueError, match="exists and is not a directory"):
+        llama4.save(models["A"], tmp_path / "f")
+    assert (tmp_path / "f").read_text() == "a file"
+    old = tmp_path / ".c.old-1234"  # what an older llama4 left when killed: it may hold user files
+    old.mkdir()
+    (old / "tokenizer.json").write_text("user's")
+    with caplog.at_level(logging.WARNING, logger="llama4"):
+        llama4.save(models["A"], tmp_path / "c")
+    assert ".c.old-1234: left by a save of an older llama4" in caplog.text
+    assert (old / "tokenizer.json").read_text() == "user's"

@@ -48,6 +48,14 @@ def test_malformed_header_is_a_clear_error(tmp_path, header, data, message):
         read_header(f)
 
 
+def test_duplicate_header_key_is_refused(tmp_path):
+    h = b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}'
+    f = tmp_path / "d.safetensors"
+    f.write_bytes(len(h).to_bytes(8, "little") + h + bytes(8))
+    with pytest.raises(ValueError, match=r"d.safetensors: .*key 'a' appears twice"):
+        read_header(f)
+
+
 def test_well_formed_header_passes_and_library_agrees(tmp_path):
     f = raw_file(tmp_path / "x.safetensors", GOOD, bytes(12))
     assert set(read_header(f)) == {"a", "b"}

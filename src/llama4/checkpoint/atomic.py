@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import re
 import secrets
@@ -40,6 +41,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
+log = logging.getLogger("llama4")
 FileData = bytes | Callable[[BinaryIO], None]
 MANIFEST = ".llama4-save.json"
 _TMP = ".llama4-tmp-"
@@ -72,11 +74,15 @@ def clean_leftovers(root: Path) -> None:
     """Remove what killed saves left: staging directories beside `root`, temporaries inside it (only
     files our manifests list), and finish a committed transaction."""
     pattern = re.compile(rf"\.{re.escape(root.name)}\.llama4-(saving|trash)-(\d+)-[0-9a-f]+")
+    legacy = re.compile(rf"\.{re.escape(root.name)}\.(saving-\w{{8}}|old-\d+)")
     if root.parent.is_dir():
         for p in root.parent.iterdir():
             m = pattern.fullmatch(p.name)
             if m and p.is_dir() and not _alive(int(m.group(2))):
                 remove_tree(p)
+            elif legacy.fullmatch(p.name) and p.is_dir():
+                log.warning("%s: left by a save of an older llama4 that was interrupted; not removed, as it may "
+                            "hold your own files (tokenizer, notes): move back what you need, then delete it", p)
     if root.is_dir():
         _drop_manifest_temps(root)
         man = _read_manifest(root)

@@ -102,7 +102,7 @@ def read_header(path: Path) -> dict[str, dict]:
                 raise ValueError(f"header length {n} is over the format's {MAX_HEADER}-byte limit")
             if n < 2 or 8 + n > size:
                 raise ValueError(f"header length {n} is past the end of the file ({size} bytes)")
-            header = json.loads(f.read(n).decode("utf-8"))
+            header = json.loads(f.read(n).decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
     if not isinstance(header, dict):
@@ -130,6 +130,14 @@ def read_header(path: Path) -> dict[str, dict]:
         raise ValueError(f"{path}: {data - end} bytes after the last tensor's data; the offsets must cover the "
                          f"data exactly, as the safetensors format requires")
     return header
+
+
+def _no_duplicates(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    dup = sorted({k for k in keys if keys.count(k) > 1})
+    if dup:  # json would keep the last silently; the safetensors library refuses the file
+        raise ValueError(f"key {dup[0]!r} appears twice in the header")
+    return dict(pairs)
 
 
 def _check_entry(path: Path, key: str, info) -> None:

@@ -117,6 +117,7 @@ def create_app(engine: Engine, tokenizer, cfg: ServeConfig) -> FastAPI:
                            "invalid_request_error", "model", "model_not_found")
         if engine.draining:
             raise APIError(503, "the server is shutting down", "server_error", headers={"Retry-After": "5"})
+        admit(body.n)  # before any prompt work; checked again when the choices are submitted
         return body
 
     def admit(count: int) -> None:
@@ -138,7 +139,8 @@ def create_app(engine: Engine, tokenizer, cfg: ServeConfig) -> FastAPI:
                            param="messages", code="context_length_exceeded")
         mt = room if max_tokens is None else max_tokens
         seed = None if body.seed is None else (body.seed + choice) % 2 ** 64  # n choices must differ
-        return GenRequest(prompt, mt, params, seed, eos, tuple(body.stop or ()), n_logprobs, **kw)
+        stop_ids = frozenset() if body.ignore_eos else eos
+        return GenRequest(prompt, mt, params, seed, stop_ids, tuple(body.stop or ()), n_logprobs, **kw)
 
     async def run(request: Request, gens: list[GenRequest], states: list[ChoiceText]):
         """Submit every choice; yields (index, released text) as events arrive; cancels on exit."""

@@ -85,6 +85,7 @@ class _Sampling(_Strict):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
+    ignore_eos: bool = False  # vLLM's extension: run to max_tokens (benchmarks, load tests)
     presence_penalty: Optional[float] = Field(None, ge=0.0, le=0.0)  # accepted only as 0 (not implemented)
     frequency_penalty: Optional[float] = Field(None, ge=0.0, le=0.0)  # accepted only as 0 (not implemented)
     logit_bias: Optional[dict[str, float]] = Field(None, max_length=0)  # accepted only empty
