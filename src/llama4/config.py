@@ -38,7 +38,7 @@ class TextConfig:
     moe_layers: list[int] | None = None  # None: every `interleave_moe_layer_step`-th layer
     interleave_moe_layer_step: int = 1
     # HF's flag list: 1 = the layer uses RoPE + chunked local attention, 0 = NoPE + global attention.
-    no_rope_layers: list[int] | None = None  # None: every `no_rope_layer_interval`-th layer is NoPE
+    no_rope_layers: list[int] | None = None  # None or []: every `no_rope_layer_interval`-th layer is NoPE
     no_rope_layer_interval: int = 4
     attention_chunk_size: int | None = 8192  # None: RoPE layers attend globally too
     use_qk_norm: bool = True
@@ -231,6 +231,14 @@ def _behemoth() -> Llama4Config:
     return Llama4Config(text, VisionConfig(), name="behemoth")
 
 
+def _guard4() -> Llama4Config:
+    # Llama Guard 4 12B: Scout with the routed experts pruned; the shared expert is every layer's dense
+    # FFN (width 8192) and no layer is chunked (`attention_chunk_size: null`). Vision tower kept.
+    text = TextConfig(moe_layers=[], intermediate_size_mlp=8192, attention_chunk_size=None,
+                      max_position_embeddings=163840, rope_scaling=dict(_SCOUT_ROPE))
+    return Llama4Config(text, VisionConfig(), name="guard4")
+
+
 def _tiny() -> Llama4Config:
     # Every part of Llama 4 at laptop size: MoE (4 experts, top-1, shared) on every second layer,
     # iRoPE with 64-token chunks, QK-norm, temperature tuning, llama3 scaling, a small ViT.
@@ -246,7 +254,7 @@ def _tiny() -> Llama4Config:
     return Llama4Config(text, vision, name="tiny")
 
 
-PRESETS = {"tiny": _tiny, "scout": _scout, "maverick": _maverick, "behemoth": _behemoth}
+PRESETS = {"tiny": _tiny, "scout": _scout, "maverick": _maverick, "behemoth": _behemoth, "guard4": _guard4}
 
 
 def preset(name: str) -> Llama4Config:

@@ -392,6 +392,16 @@ def test_not_a_checkpoint(tmp_path):
         llama4.load(path)
 
 
+def test_inspect_reads_meta_directories(tmp_path, capsys):
+    from llama4.cli import main
+
+    path, model = tiny_meta_dir(tmp_path / "meta")
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    t = model.config.text
+    assert f"{t.num_hidden_layers}: " in out and f"{len(t.moe_layers)} MoE layers" in out
+
+
 class _Payload:
     """Unpickling this creates a file: proof that code in the checkpoint ran."""
 

@@ -50,7 +50,7 @@ def test_uncached_window_at_start_pos_folds_chunks_at_absolute_positions(p):
     with torch.no_grad():
         a, b = model(ids, start_pos=p), model(other, start_pos=p)
     assert (a[0, :boundary] - b[0, :boundary]).abs().max() > 1e-4  # same chunk: it sees the change
-    torch.testing.assert_close(a[0, boundary:], b[0, boundary:], rtol=0, atol=1e-6)
+    torch.testing.assert_close(a[0, boundary:], b[0, boundary:], rtol=0, atol=1e-5)
 
 
 def test_scout_rope_scaling_has_no_nan():

@@ -76,3 +76,16 @@ def test_masked_decode_sees_its_chunk_by_position(chunk):
         keep = (kpos[b] >= lo) & (kpos[b] <= pos[b])
         want = F.scaled_dot_product_attention(q[b:b + 1], k[b:b + 1, :, keep], v[b:b + 1, :, keep])
         torch.testing.assert_close(got[b:b + 1], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chunk", [None, 8])
+def test_flex_documents_equal_the_document_mask(chunk):
+    """FlexAttention with a block mask (the CUDA choice), checked here on the CPU, compiled."""
+    g = torch.Generator().manual_seed(3)
+    pos = torch.stack([_packed_positions([5, 17, 1, 9, 16]), _packed_positions([30, 18], first=13)])
+    q = torch.randn(2, 4, 48, 8, generator=g)
+    k, v = torch.randn(2, 2, 48, 8, generator=g), torch.randn(2, 2, 48, 8, generator=g)
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                          attn_mask=_doc_mask(pos, chunk))
+    torch.testing.assert_close(backends.documents_flex(q, k, v, pos, chunk), want, rtol=1e-5, atol=1e-5)

@@ -201,6 +201,32 @@ def test_images_end_to_end(model, tok, stops, tmp_path):
             assert r.usage.prompt_tokens == len(p.ids)
 
 
+def test_video_as_data_url(model, tok, stops, tmp_path):
+    av = pytest.importorskip("av")
+    import numpy as np
+
+    path = tmp_path / "clip.mp4"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(20):
+            frame = np.zeros((48, 64, 3), np.uint8)
+            frame[10:18, 2 * i:2 * i + 8] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    url = "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode()
+    msgs = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                         {"type": "text", "text": "Where does it move?"}]}]
+    p = encode_prompt(tok, msgs, model.config)
+    ref = llama4.generate(model, p.ids, max_new_tokens=8, stop_ids=stops, pixel_values=p.pixel_values)
+    with LiveServer(model, tok) as s:
+        r = s.client().chat.completions.create(model="tiny", messages=msgs, temperature=0, max_tokens=8)
+    assert r.choices[0].message.content == _ref_text(tok, ref, stops)
+    assert r.usage.prompt_tokens == len(p.ids)
+
+
 def test_sampling_seed_and_n(server):
     client = server.client()
     kw = dict(model="tiny", messages=_chat(5), temperature=1.0, top_p=0.9, max_tokens=16, seed=7)

@@ -23,6 +23,7 @@ from ..model.moe import MoE
 from ..model.quantize import quantize_model
 from .atomic import FileData, Snapshot, write_checkpoint
 from .keymap import KeyMap
+from .side_files import TOKENIZER_FILES, read_side_files, side_files
 from .safetensors_io import INDEX, TORCH_DTYPES, detect_layout, dtype_of, read_into, weight_files, write_safetensors
 
 BIAS_FILE = "expert_bias.json"
@@ -53,6 +54,7 @@ def load(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: s
         if meta_quantization(root):
             return load_meta_quantized(root, dtype=dtype, device=device)
         model = load_meta(root, dtype=dtype, device=device)
+        model.side_info = read_side_files(root)
         return quantize_model(model, quantize, quantize_only) if quantize else model
     qcfg = quantized.quantization_config(root)
     if qcfg is not None:
@@ -130,6 +132,7 @@ def load(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: s
     bias = snap.file(BIAS_FILE)
     if bias is not None:
         apply_expert_bias(model, read_expert_bias(bias), bias)
+    model.side_info = read_side_files(root)  # tokenizer, generation and media settings (side_files.py)
     return model.eval()
 
 
@@ -223,18 +226,27 @@ def checkpoint_files(model: Llama4, *, max_shard_size: int | str = "5GB",
 
 
 def save(model: Llama4, path: str | os.PathLike, *, max_shard_size: int | str = "5GB",
-         config_spelling: int = 4, extra_files: Mapping[str, FileData] | None = None) -> Path:
+         config_spelling: int = 4, extra_files: Mapping[str, FileData] | None = None, tokenizer=None) -> Path:
     """Write config.json + safetensors shards (+ index) in the HF layout, atomically (checkpoint/atomic.py):
     at every instant `path` holds the complete old checkpoint or the complete new one. Weight, index, bias
     files of an earlier llama4 save that this one does not write are removed (its other files stay); files
     llama4 did not write are never touched (and a directory with weight files it did not write is refused).
     `extra_files` (name -> bytes, or a function writing to a file object) are written in the same
-    transaction: tokenizer files, generation config, processor configs, ..."""
+    transaction.
+
+    Every save is self-contained: it also writes the side files of `side_files.py` (tokenizer files,
+    chat template, generation config, processor and media configs). `tokenizer` (a Tokenizer or a
+    path) defaults to the one the model was loaded with (`extra_files` of the same name win)."""
     files = checkpoint_files(model, max_shard_size=max_shard_size, config_spelling=config_spelling)
     clash = sorted(set(files) & set(extra_files or {}))
     if clash:
         raise ValueError(f"extra_files {clash}: these are written by llama4.save itself")
-    write_checkpoint(path, {**files, **(extra_files or {})}, supersedes=_SUPERSEDED.fullmatch)
+    side = {**side_files(model, tokenizer), **(extra_files or {})}
+    # A save that writes a tokenizer replaces the old one whole: an old tokenizer.model left beside a
+    # new tokenizer.json would be read first.
+    new_tokenizer = any(n in side for n in TOKENIZER_FILES)
+    write_checkpoint(path, {**files, **side},
+                     supersedes=lambda name: _SUPERSEDED.fullmatch(name) or (new_tokenizer and name in TOKENIZER_FILES))
     return Path(path)
 
 

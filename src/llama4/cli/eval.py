@@ -16,7 +16,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, tokenizer = load_model_and_tokenizer(args)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(args.data) if args.data else heldout_synthetic(model, Path(tmp), args.limit or 400, args.seed)
-        result = evaluate(model, tokenizer, data, limit=args.limit, num_frames=args.frames)
+        result = evaluate(model, tokenizer, data, limit=args.limit, num_frames=args.num_frames)
     for question, expected, got in result.examples[:args.show]:
         print(f"  Q: {question:<42} expected: {expected:<13} got: {got!r}")
     print(f"{'group':<22} {'accuracy':>8}  correct/total")
@@ -33,7 +33,9 @@ def add_eval(sub) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer file or directory (default: the model's)")
     p.add_argument("--data", default=None, help="chat JSONL with reference answers (default: synthetic held-out)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
-    p.add_argument("--frames", type=int, default=4, help="frames sampled per video")
+    p.add_argument("--frames", dest="num_frames", type=int, default=None,
+                   help="frames sampled per video (default: what the model was trained with, else 8)")
+    p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format) applied without merging")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic held-out set")
     p.add_argument("--show", type=int, default=6, help="print this many example answers")
     p.add_argument("--json", default=None, help="also write the scores to this JSON file")

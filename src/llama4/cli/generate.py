@@ -111,20 +111,24 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def _media_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
     p.add_argument("--video", action="append", default=[], help="video file (repeatable)")
-    p.add_argument("--max-tiles", type=int, default=16, help="tiles per image (plus a thumbnail)")
-    p.add_argument("--num-frames", type=int, default=8, help="frames sampled per video")
+    p.add_argument("--max-tiles", type=int, default=None,
+                   help="tiles per image, plus a thumbnail (default: the model's media_config.json, else 16)")
+    p.add_argument("--num-frames", type=int, default=None,
+                   help="frames sampled per video (default: what the model was trained with, else 8)")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory (config.json + *.safetensors)")
     p.add_argument("--tokenizer", default=None, help="tokenizer file or directory (default: the model's, "
                                                      "else the published Llama 4 tokenizer)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    p.add_argument("--min-p", type=float, default=0.0, help="0 = off")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    # Sampling flags default to the checkpoint's generation_config.json, then to greedy decoding.
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the checkpoint's, else 256")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the checkpoint's, else 0)")
+    p.add_argument("--top-k", type=int, default=None, help="0 = off")
+    p.add_argument("--top-p", type=float, default=None, help="1 = off")
+    p.add_argument("--min-p", type=float, default=None, help="0 = off")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="1 = off")
+    p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format) applied without merging")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,

@@ -12,9 +12,26 @@ from ..config import PRESETS, load_config, preset
 def _load_config_or_preset(spec: str):
     if spec in PRESETS:
         return preset(spec)
-    if Path(spec).exists():
+    path = Path(spec)
+    if path.is_dir() and not (path / "config.json").exists() and (path / "params.json").exists():
+        return _meta_config(path)
+    if path.exists():
         return load_config(spec)
     raise SystemExit(f"llama4: {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
+
+
+def _meta_config(root: Path):
+    """Meta's original layout: params.json (its vocab_size may be -1, meaning the tokenizer's: Llama 4's)."""
+    import json
+
+    from ..checkpoint.meta import config_from_params
+
+    f = root / "params.json"
+    try:
+        params = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f}: not valid JSON ({e})") from None
+    return config_from_params(params, str(f), vocab_size=202048)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

@@ -67,7 +67,7 @@ class Attention(nn.Module):
             return self.wo(out_NHD.reshape(1, T, -1))
         q, k, v = q_BTHD.transpose(1, 2), k_BTKD.transpose(1, 2), v_BTKD.transpose(1, 2)
         if doc_pos_BT is not None:
-            out_BHTD = backends.documents_causal(q, k, v, doc_pos_BT, self.chunk)
+            out_BHTD = backends.packed_causal(q, k, v, doc_pos_BT, self.chunk)
         else:
             out_BHTD = backends.chunked_causal(q, k, v, self.chunk, offset)
         return self.wo(out_BHTD.transpose(1, 2).reshape(B, T, -1))

@@ -6,7 +6,10 @@ No T x T mask is ever built:
   * a block that follows cached keys attends to the cache unmasked and to itself causally, and the
     two results are merged by their log-sum-exps;
   * a decode token masks the slots of its row by the absolute position each holds ([B, 1, 1, S]);
-  * packed training rows run each document on its own (`documents_causal`), grouped by shape.
+  * packed training rows run each document on its own (`documents_causal`), grouped by shape, or,
+    where FlexAttention serves (CUDA; `PACKED_BACKEND`), as one flex call with a block mask that
+    skips every block outside a document (`documents_flex`; tested on the CPU, fast there only
+    when compiled, so the CPU default stays per-document SDPA).
 
 `sdpa_lse` picks a fused kernel that returns the log-sum-exp: the CPU flash kernel, CUDA's
 efficient-attention kernel (unverified here: no GPU was available), or the blocked portable path
@@ -97,6 +100,41 @@ def documents_causal(q_BHTD, k_BKTD, v_BKTD, doc_pos_BT: torch.Tensor, chunk: in
         o_GHnD = chunked_causal(take(q_BHTD), take(k_BKTD), take(v_BKTD), chunk, phase)
         out_BHTD[rows[:, None], :, cols] = o_GHnD.transpose(1, 2)
     return out_BHTD
+
+
+# "auto": FlexAttention on CUDA, per-document SDPA elsewhere; or force "flex" / "sdpa".
+PACKED_BACKEND = "auto"
+
+
+def packed_causal(q_BHTD, k_BKTD, v_BKTD, doc_pos_BT: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    """Packed-document attention through the backend `PACKED_BACKEND` picks."""
+    use_flex = PACKED_BACKEND == "flex" or (PACKED_BACKEND == "auto" and q_BHTD.is_cuda)
+    return (documents_flex if use_flex else documents_causal)(q_BHTD, k_BKTD, v_BKTD, doc_pos_BT, chunk)
+
+
+_FLEX = None
+
+
+def documents_flex(q_BHTD, k_BKTD, v_BKTD, doc_pos_BT: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    """`documents_causal` as one FlexAttention call: same document, same chunk (at document
+    positions), causal. The block mask is built from the positions; no [T, T] tensor exists."""
+    global _FLEX
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if _FLEX is None:
+        _FLEX = torch.compile(flex_attention, dynamic=False)
+    doc_BT = torch.cumsum(doc_pos_BT == 0, dim=1)  # a row starting inside a document: its id 0
+    pos_BT = doc_pos_BT
+
+    def mask_mod(b, h, qi, ki):
+        same = (doc_BT[b, qi] == doc_BT[b, ki]) & (ki <= qi)
+        if chunk is not None:
+            same = same & (pos_BT[b, qi] // chunk == pos_BT[b, ki] // chunk)
+        return same
+
+    B, H, T, _ = q_BHTD.shape
+    block = create_block_mask(mask_mod, B, None, T, T, device=q_BHTD.device)
+    return _FLEX(q_BHTD, k_BKTD, v_BKTD, block_mask=block, enable_gqa=H != k_BKTD.shape[1])
 
 
 def sdpa_lse(q_BHTD, k_BKSD, v_BKSD, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:

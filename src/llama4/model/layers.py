@@ -81,10 +81,13 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
 def rope_freqs(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """Rotations for absolute `positions` [..., T] -> [..., T, A, 2] holding (cos, sin) of p * f.
 
-    Real, not complex: the same numbers as Meta's `polar`, but every backend (torch.compile included)
-    handles real tensors."""
+    A real tensor, so that every backend (torch.compile included) can hold it. Eager mode computes it
+    with `polar` and rotates by complex multiplication, as Meta and transformers do: bf16 logits then
+    match theirs bit for bit (one rounding flip is enough to change a near-tied top-1 expert)."""
     angles = positions[..., None].float() * inv_freq.to(positions.device)
-    return torch.stack((torch.cos(angles), torch.sin(angles)), dim=-1)
+    if torch.compiler.is_compiling():
+        return torch.stack((torch.cos(angles), torch.sin(angles)), dim=-1)
+    return torch.view_as_real(torch.polar(torch.ones_like(angles), angles))
 
 
 def apply_rope(x_BTHD: torch.Tensor, rot_BTA2: torch.Tensor) -> torch.Tensor:
@@ -95,6 +98,9 @@ def apply_rope(x_BTHD: torch.Tensor, rot_BTA2: torch.Tensor) -> torch.Tensor:
     if rot_BTA2.is_complex():
         rot_BTA2 = torch.view_as_real(rot_BTA2)
     x = x_BTHD.float().reshape(*x_BTHD.shape[:-1], -1, 2)
+    if not torch.compiler.is_compiling():
+        rot = torch.view_as_complex(rot_BTA2.contiguous()).unsqueeze(-2)
+        return torch.view_as_real(torch.view_as_complex(x) * rot).flatten(-2).type_as(x_BTHD)
     x0, x1 = x[..., 0], x[..., 1]
     cos, sin = rot_BTA2[..., 0].unsqueeze(-2), rot_BTA2[..., 1].unsqueeze(-2)
     return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x_BTHD)

@@ -27,6 +27,7 @@ import torch
 
 from ..checkpoint.atomic import FileData, Snapshot, clean_leftovers, remove_checkpoint, write_checkpoint
 from ..checkpoint.hf import BIAS_FILE, checkpoint_files, read_expert_bias
+from ..checkpoint.side_files import side_files
 from .state import JSON_FILE, STATE_DIR, TENSOR_FILE, read_state, state_files
 
 log = logging.getLogger("llama4")
@@ -86,13 +87,13 @@ def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, stat
     final = root / f"step_{step:07d}"
     lora = hasattr(model, "lora_config")
     files: dict[str, FileData] = {f"adapter/{k}": v for k, v in adapter_files(model).items()} if lora \
-        else checkpoint_files(model)
+        else {**checkpoint_files(model), **side_files(model, tokenizer_file)}  # self-contained, as llama4.save
     if biases:
         text = json.dumps({k: v.tolist() for k, v in biases.items()}).encode()
         files[BIAS_FILE] = text
         if lora:  # an adapter carries the routing it was trained with
             files[f"adapter/{BIAS_FILE}"] = text
-    if tokenizer_file is not None:
+    if tokenizer_file is not None and tokenizer_file.name not in files:
         files[tokenizer_file.name] = lambda f, src=tokenizer_file: _copy(src, f)
     files.update(state_files(state))
     if root.is_dir():  # what killed saves of other steps left beside them

@@ -29,6 +29,7 @@ from ..checkpoint.atomic import Snapshot
 from ..checkpoint.safetensors_io import read_header
 from ..config import config_to_hf, preset
 from ..model import Llama4
+from ..checkpoint.side_files import SideInfo
 from ..text.tokenizer import Tokenizer
 from .balance import ExpertBalancer, imbalance
 from .checkpointing import (check_same_run, checkpoints, latest_checkpoint, load_train_state, move_aside, rng_state,
@@ -360,5 +361,8 @@ class Trainer:
         state = {"step": self.step, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
                  "data": dict(self.data.state), "rng": rng_state(), "config": self.cfg.to_dict()}
         tok_file = self.tok.path if self.tok.path.is_file() else None
+        # The media settings the model learns with travel with it: generate/chat/eval default to them.
+        self.model.side_info = SideInfo(tok_file, media={"num_frames": self.cfg.data.video_frames,
+                                                         "max_tiles": self.cfg.data.max_tiles})
         return save_checkpoint(self.out, self.step, self.model, state, self.balancer.biases(), tok_file,
                                self.cfg.checkpoint.keep)
