@@ -15,6 +15,7 @@ from .demo import add_demo
 from .eval import add_eval
 from .generate import add_chat, add_generate
 from .inspect import add_inspect
+from .plan import add_plan
 from .quantize import add_quantize
 from .serve import add_serve
 from .tokenizer import add_tokenizer
@@ -22,7 +23,7 @@ from .train import add_train
 
 
 # Each entry adds one subcommand; features append theirs here.
-_COMMANDS = [add_inspect, add_tokenizer, add_data, add_train, add_generate, add_chat, add_eval, add_demo, add_quantize,
+_COMMANDS = [add_plan, add_inspect, add_tokenizer, add_data, add_train, add_generate, add_chat, add_eval, add_demo, add_quantize,
              add_serve]
 
 

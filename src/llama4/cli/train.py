@@ -8,11 +8,16 @@ from .common import THREADS_HELP, add_threads, apply_threads
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ..train.loop import run
+    from ..train.distributed import is_main, launched
 
     apply_threads(args)
+    if launched():  # under torchrun: every rank trains its part, rank 0 reports
+        from ..train.parallel_trainer import run_parallel as run
+    else:
+        from ..train.loop import run
     out = run(args.config, resume=args.resume, overrides=args.overrides)
-    print(f"trained: {out} (metrics.jsonl, loss.png, checkpoints/)")
+    if is_main():
+        print(f"trained: {out} (metrics.jsonl, loss.png, checkpoints/)")
     return 0
 
 

@@ -7,6 +7,7 @@
     [checkpoint] how often to save and how many to keep
     [moe]        expert balancing: bias update rate (loss-free) and optional auxiliary loss
     [lora]       low-rank adapters instead of full fine-tuning
+    [parallel]   scale-out under torchrun: data-parallel replicas/shards, tensor and expert parallel sizes
 
 Command-line overrides are `section.key=value` strings whose value is read as TOML (`optim.lr=1e-3`,
 `data.paths=["a.jsonl"]`); a bare word that is not TOML is taken as a string (`train.out_dir=runs/x`).
@@ -90,6 +91,16 @@ class LoRASection:
 
 
 @dataclass
+class ParallelSection:
+    # world size = dp_replicate * dp_shard * tp; expert-parallel ranks are taken from the dp_shard ranks.
+    dp_replicate: int = 1  # full replicas (HSDP's outer dim)
+    dp_shard: int = -1  # FSDP2 shards; -1 = whatever the world size leaves
+    tp: int = 1  # tensor parallel: attention heads and dense FFN columns
+    ep: int = 1  # expert parallel: routed experts split over this many ranks
+    compile: bool = False  # torch.compile each decoder block
+
+
+@dataclass
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -98,6 +109,7 @@ class TrainConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     moe: MoESection = field(default_factory=MoESection)
     lora: LoRASection = field(default_factory=LoRASection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -223,6 +235,10 @@ def _validate(c: TrainConfig, where: str) -> None:
          f"moe.bias_update_rate and moe.aux_loss_coef must be >= 0, got {c.moe.bias_update_rate}, "
          f"{c.moe.aux_loss_coef}")
     need(c.lora.rank >= 1, f"lora.rank must be >= 1, got {c.lora.rank}")
+    p = c.parallel
+    need(all(v >= 1 for v in (p.dp_replicate, p.tp, p.ep)) and (p.dp_shard >= 1 or p.dp_shard == -1),
+         f"parallel.dp_replicate, tp and ep must be >= 1 and parallel.dp_shard >= 1 or -1, got "
+         f"dp_replicate={p.dp_replicate}, dp_shard={p.dp_shard}, tp={p.tp}, ep={p.ep}")
     bad = [t for t in c.lora.targets if t not in LORA_TARGETS]
     need(not bad and c.lora.targets,
          f"lora.targets {c.lora.targets} must be a non-empty subset of {list(LORA_TARGETS)}")

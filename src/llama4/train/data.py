@@ -286,6 +286,10 @@ class PackedData:
         return [r for r in rows if r]
 
     def next_batch(self) -> Batch:
+        return self.collate(self.next_rows())
+
+    def next_rows(self) -> list[list[Piece]]:
+        """The next `batch_size` rows, advancing the position (data-parallel ranks collate their share)."""
         rows = []
         while len(rows) < self.cfg.batch_size:
             epoch_rows = self.rows(self.state["epoch"])
@@ -294,7 +298,7 @@ class PackedData:
                 continue
             rows.append(epoch_rows[self.state["row"]])
             self.state = {"epoch": self.state["epoch"], "row": self.state["row"] + 1}
-        return self.collate(rows)
+        return rows
 
     def collate(self, rows: list[list[Piece]]) -> Batch:
         B, T = len(rows), self.cfg.seq_len
