@@ -316,7 +316,7 @@ def test_chat_session_reuses_the_cached_prefix(model):
 
 def test_cli_chat_with_images(mm_ckpt, capsys, monkeypatch):
     """`llama4 chat --image` attaches the image to the first turn; `/image PATH` to the next; a missing
-    file is reported and the conversation goes on."""
+    file is refused when typed (nothing attached) and the conversation goes on."""
     import io
 
     from llama4.cli import main
@@ -328,16 +328,14 @@ def test_cli_chat_with_images(mm_ckpt, capsys, monkeypatch):
                                                  "the mat\n/exit\n"))
     assert main(["chat", "--model", str(root), "--max-new-tokens", "5", "--image", image]) == 0
     captured = capsys.readouterr()
-    assert "missing.png" in captured.err
-    replies = captured.out.split("\n")[:2]
+    assert "missing.png" in captured.err and "nothing attached" in captured.err
+    replies = captured.out.split("\n")[:3]
     model = llama4.load(root)
-    first = [user_message("the cat", [image])]
-    prompt = encode_prompt(tok, first, model.config)
-    new = llama4.generate(model, prompt.ids, max_new_tokens=5, pixel_values=prompt.pixel_values)
-    assert replies[0] == tok.decode([t for t in new if t not in tok.stop_ids])
-    # The missing image's turn was dropped; the third line's turn carries the second image.
-    history = first + [{"role": "assistant", "content": replies[0]}, user_message("the mat", [image])]
-    prompt = encode_prompt(tok, history, model.config)
-    assert prompt.pixel_values.shape[0] == 6  # 2 images x (2 tiles + thumbnail)
-    new = llama4.generate(model, prompt.ids, max_new_tokens=5, pixel_values=prompt.pixel_values)
-    assert replies[1] == tok.decode([t for t in new if t not in tok.stop_ids])
+    history = [user_message("the cat", [image])]
+    # "sat" goes out as plain text (the missing image was never attached); "the mat" carries the second image.
+    for reply, nxt in zip(replies, [{"role": "user", "content": "sat"}, user_message("the mat", [image]), None]):
+        prompt = encode_prompt(tok, history, model.config)
+        new = llama4.generate(model, prompt.ids, max_new_tokens=5, pixel_values=prompt.pixel_values)
+        assert reply == tok.decode([t for t in new if t not in tok.stop_ids])
+        history += [{"role": "assistant", "content": reply}] + ([nxt] if nxt else [])
+    assert encode_prompt(tok, history[:-1], model.config).pixel_values.shape[0] == 6  # 2 images x (2 tiles + thumb)

@@ -139,7 +139,9 @@ def test_expert_bias_lowers_imbalance(tok, tmp_path):
 
 
 def test_lora_fine_tune_trains_adapters_only(tok, tmp_path):
-    base = run(text_config(tok, tmp_path / "base", train={"steps": 2}))
+    # batch 3: with 4, the two +-rate bias updates cancelled exactly on this corpus (the files it is read from
+    # changed); the biases must be non-zero for the check below to mean anything.
+    base = run(text_config(tok, tmp_path / "base", train={"steps": 2}, data={"batch_size": 3}))
     ckpt = latest_checkpoint(base)
     qa = tmp_path / "qa.jsonl"
     qa.write_text(json.dumps({"messages": [{"role": "user", "content": "What is the capital of France?"},

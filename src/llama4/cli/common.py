@@ -1,11 +1,60 @@
-"""What several subcommands share: loading a checkpoint directory with its tokenizer."""
+"""What several subcommands share: the --threads flag, and loading a checkpoint directory with its tokenizer."""
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
+
+# Why one thread by default: torch's OpenMP workers spin while they wait, so on a machine that is busy
+# with anything else each small kernel waits for a descheduled peer. Measured on a shared 2-core
+# machine (docs/generation.md, docs/reliability.md): decode 58 tok/s with 1 thread, 8 tok/s with 2
+# spinning threads; a training step 13.5x slower. OMP_WAIT_POLICY=PASSIVE fixes the spinning but only
+# when set before torch is imported, which a library cannot do for its caller. So: 1 thread unless
+# --threads N, or OMP_NUM_THREADS in the environment, asks for more.
+THREADS_HELP = ("torch CPU threads (default: $OMP_NUM_THREADS if set, else 1, which is safe on a busy machine; "
+                "on an idle many-core machine try the core count)")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is invalid: expected an integer >= 1")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is invalid: expected an integer >= 0")
+    return value
+
+
+def add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=positive_int, default=None, help=THREADS_HELP)
+
+
+def default_threads() -> int:
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    return int(env) if env.isdigit() and int(env) > 0 else 1
+
+
+def apply_threads(args: argparse.Namespace) -> int:
+    """Set torch's thread count from `args.threads` (or the default); returns it. Also bounds the
+    `tokenizers` (Rust) pool, which reads its size when it first runs."""
+    n = getattr(args, "threads", None) or default_threads()
+    torch.set_num_threads(n)
+    os.environ["RAYON_RS_NUM_CPUS"] = str(n)
+    return n
 
 
 def load_model_and_tokenizer(args: argparse.Namespace):
@@ -16,8 +65,7 @@ def load_model_and_tokenizer(args: argparse.Namespace):
     model_dir = Path(args.model)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"--model {model_dir}: no such checkpoint directory")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     model = load(model_dir, dtype=dtype).eval()
     if getattr(args, "adapter", None):

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .common import add_threads, apply_threads
 from ..data.synth import make_dataset
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
+    apply_threads(args)
     root = make_dataset(args.out, n_train=args.train, n_heldout=args.heldout, video_fraction=args.video_fraction,
                         image_size=args.image_size, video_frames_n=args.frames, seed=args.seed)
     print(f"wrote {args.train} training and {args.heldout} held-out samples to {root}")
@@ -26,4 +28,5 @@ def add_data(sub) -> None:
     s.add_argument("--image-size", type=int, default=56, help="image and video side in pixels")
     s.add_argument("--frames", type=int, default=4, help="frames per video")
     s.add_argument("--seed", type=int, default=0)
+    add_threads(s)
     s.set_defaults(func=cmd_synth)

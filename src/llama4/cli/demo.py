@@ -79,7 +79,9 @@ def run_demo(model_dir: Path | None = None, *, seed: int = 2026, out=None) -> li
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    torch.set_num_threads(max(1, args.threads))
+    from .common import apply_threads
+
+    apply_threads(args)
     path = Path(args.model) if args.model else default_model_path()
     print(f"llama4 demo: {path}")
     results = run_demo(path, seed=args.seed)
@@ -93,5 +95,7 @@ def add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the default tiny Llama 4 answering questions about images and a video")
     p.add_argument("--model", default=None, help="checkpoint directory (default: the shipped default model)")
     p.add_argument("--seed", type=int, default=2026, help="seed for the fresh images and video")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this tiny model)")
+    from .common import add_threads
+
+    add_threads(p)
     p.set_defaults(func=cmd_demo)

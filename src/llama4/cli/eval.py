@@ -8,11 +8,11 @@ import tempfile
 from pathlib import Path
 
 from ..eval.synth_qa import evaluate, heldout_synthetic
-from .common import load_model_and_tokenizer
+from .common import add_threads, load_model_and_tokenizer
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    args.dtype, args.threads = getattr(args, "dtype", "auto"), getattr(args, "threads", 0)
+    args.dtype = getattr(args, "dtype", "auto")
     model, tokenizer = load_model_and_tokenizer(args)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(args.data) if args.data else heldout_synthetic(model, Path(tmp), args.limit or 400, args.seed)
@@ -39,4 +39,5 @@ def add_eval(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic held-out set")
     p.add_argument("--show", type=int, default=6, help="print this many example answers")
     p.add_argument("--json", default=None, help="also write the scores to this JSON file")
+    add_threads(p)
     p.set_defaults(func=cmd_eval)

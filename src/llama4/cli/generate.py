@@ -13,7 +13,8 @@ from typing import TextIO
 
 import torch
 
-from .common import load_model_and_tokenizer
+from .chat_input import HELP, check_media, line_reader, parse_command
+from .common import add_threads, load_model_and_tokenizer
 from ..generation.engine import DEFAULT_PREFILL_CHUNK, generate_stream
 from ..generation.session import ChatSession
 
@@ -26,18 +27,28 @@ def _sampling(args: argparse.Namespace, tokenizer) -> dict:
 
 
 def _stream_text(model, tokenizer, ids: list[int], args: argparse.Namespace, out: TextIO,
-                 pixel_values: torch.Tensor | None = None, session: ChatSession | None = None) -> str:
-    """Write the reply to `out` as it comes; returns its text (without the stop token)."""
+                 pixel_values: torch.Tensor | None = None, session: ChatSession | None = None,
+                 interruptible: bool = False) -> str:
+    """Write the reply to `out` as it comes; returns its text (without the stop token). With
+    `interruptible`, Ctrl-C ends the reply early (what was written so far is returned) instead of the
+    program."""
     stops = set(model.config.text.eos_token_id) | set(tokenizer.stop_ids)
     decoder, pieces = tokenizer.stream(), []
-    for tok in generate_stream(model, ids, stop_ids=sorted(stops), pixel_values=pixel_values, session=session,
-                               **_sampling(args, tokenizer)):
-        if tok in stops:
-            break
-        piece = decoder.push(tok)
-        pieces.append(piece)
-        out.write(piece)
-        out.flush()
+    try:
+        for tok in generate_stream(model, ids, stop_ids=sorted(stops), pixel_values=pixel_values, session=session,
+                                   **_sampling(args, tokenizer)):
+            if tok in stops:
+                break
+            piece = decoder.push(tok)
+            pieces.append(piece)
+            out.write(piece)
+            out.flush()
+    except KeyboardInterrupt:
+        if not interruptible:
+            raise
+        print("\n[interrupted]", file=sys.stderr, flush=True)
+        if session is not None:  # a layer may have cached the step cut short: the next turn prefills afresh
+            session.ids = []
     tail = decoder.flush()
     out.write(tail + "\n")
     out.flush()
@@ -62,49 +73,87 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    """Read a user turn per line until EOF or /exit; /reset forgets the conversation; `/image PATH` and
-    `/video PATH` attach media to the next turn (`--image`/`--video` to the first). The cache carries
-    over between text turns, so each prefills only what the previous ones did not; once the
-    conversation holds media, every turn re-encodes it (its pixels go with the whole prompt)."""
+    """Read a user turn per line until EOF or /exit (/help lists the commands). A turn that cannot be
+    sent (a bad file, or too long for --context) is reported and dropped; the conversation goes on.
+    The cache carries over between text turns, so each prefills only what the previous ones did not;
+    once the conversation holds media, every turn re-encodes it (its pixels go with the whole prompt)."""
     from ..media.prompt import encode_prompt, user_message
 
     model, tokenizer = load_model_and_tokenizer(args)
+    for kind, paths in (("image", args.image), ("video", args.video)):
+        for path in paths:
+            check_media(kind, path)
     session = ChatSession(model, args.context or min(model.config.text.max_position_embeddings, 32768))
     messages = [{"role": "system", "content": args.system}] if args.system else []
     images, videos = list(args.image), list(args.video)
     has_media = False
     interactive = sys.stdin.isatty()
+    read = line_reader(interactive)
+    if interactive:
+        print("llama4 chat: /help lists the commands; Ctrl-D or /exit leaves.", file=sys.stderr)
+
+    def say(msg: str) -> None:
+        print(f"llama4 chat: {msg}", file=sys.stderr, flush=True)
+
     while True:
-        if interactive:
-            print("> ", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line or line.strip() == "/exit":
-            return 0
-        command, _, arg = line.strip().partition(" ")
-        if command == "/reset":
-            messages = messages[:1] if args.system else []
-            has_media = False
-            continue
-        if command in ("/image", "/video"):
-            (images if command == "/image" else videos).append(arg.strip())
-            continue
-        text = line.rstrip("\n")
-        messages.append(user_message(text, images, videos) if images or videos else {"role": "user", "content": text})
-        has_media |= bool(images or videos)
-        images, videos = [], []
         try:
-            if has_media:
+            line = read()
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh prompt, as in a shell
+            print(file=sys.stderr)
+            continue
+        if line is None:
+            return 0
+        command = parse_command(line)
+        if command is not None:
+            name, arg = command
+            if name == "/exit":
+                return 0
+            if name == "/help":
+                print(HELP, file=sys.stderr, flush=True)
+            elif name == "/reset":
+                messages = messages[:1] if args.system else []
+                images, videos, has_media = [], [], False
+            elif name in ("/image", "/video"):
+                try:
+                    check_media(name[1:], arg)
+                except (ValueError, FileNotFoundError, ImportError) as e:
+                    say(f"error: {e}; nothing attached")
+                    continue
+                (images if name == "/image" else videos).append(arg)
+                say(f"{name[1:]} {arg} attached to your next message")
+            else:
+                say(f"unknown command {name}; /help lists them (nothing was sent)")
+            continue
+        if not line.strip():
+            continue
+        messages.append(user_message(line, images, videos) if images or videos else {"role": "user", "content": line})
+        try:
+            if has_media or images or videos:
                 prompt = encode_prompt(tokenizer, messages, model.config, max_tiles=args.max_tiles,
                                        num_frames=args.num_frames)
                 ids, pixel_values = prompt.ids, prompt.pixel_values
             else:
                 ids, pixel_values = tokenizer.encode_chat(messages), None
-        except (ValueError, FileNotFoundError) as e:  # a bad file: say so and keep the conversation going
-            print(f"llama4 chat: error: {e}", file=sys.stderr)
+            needed = len(ids) + args.max_new_tokens
+            if needed > session.max_context:
+                raise ValueError(f"this message does not fit: the conversation would need {needed:,} positions "
+                                 f"({len(ids):,} prompt + {args.max_new_tokens:,} --max-new-tokens) but the chat "
+                                 f"holds {session.max_context:,} (--context). Send something shorter, /reset, or "
+                                 f"restart with a larger --context")
+        except (ValueError, FileNotFoundError) as e:  # say so and keep the conversation as it was
+            say(f"error: {e}")
             messages.pop()
-            has_media = any(isinstance(m.get("content"), list) for m in messages)
             continue
-        reply = _stream_text(model, tokenizer, ids, args, sys.stdout, pixel_values, session=session)
+        has_media |= bool(images or videos)
+        images, videos = [], []
+        try:
+            reply = _stream_text(model, tokenizer, ids, args, sys.stdout, pixel_values, session=session,
+                                 interruptible=True)
+        except ValueError as e:
+            say(f"error: {e}")
+            messages.pop()
+            session.ids = []  # the cache may hold part of this turn: start the next one afresh
+            continue
         messages.append({"role": "assistant", "content": reply})
 
 
@@ -136,7 +185,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto = the checkpoint's")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step with torch.compile (fullgraph); the first token waits for it")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_threads(p)
 
 
 def add_generate(sub) -> None:
@@ -149,7 +198,7 @@ def add_generate(sub) -> None:
 
 
 def add_chat(sub) -> None:
-    p = sub.add_parser("chat", help="interactive multi-turn chat (one user turn per line; /reset, /exit)")
+    p = sub.add_parser("chat", help="interactive multi-turn chat (one user turn per line; /help, /reset, /exit)")
     _common(p)
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--context", type=int, default=None,

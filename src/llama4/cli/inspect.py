@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..accounting import bytes_human, fits_on, kv_bytes_per_token, kv_cache_bytes, parameter_counts, quantized_weight_bytes
 from ..config import PRESETS, load_config, preset
+from .common import positive_int
 
 
 def _load_config_or_preset(spec: str):
@@ -87,6 +88,6 @@ def print_quantized_memory(cfg) -> None:
 def add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="config summary, parameter counts and KV-cache sizes")
     p.add_argument("model", help="checkpoint directory or preset name (tiny, scout, maverick, behemoth)")
-    p.add_argument("--context", type=int, default=None, help="context length for the KV-cache figure")
-    p.add_argument("--kv-bytes", type=int, default=2, help="bytes per cached element (2 = bf16)")
+    p.add_argument("--context", type=positive_int, default=None, help="context length for the KV-cache figure")
+    p.add_argument("--kv-bytes", type=positive_int, default=2, help="bytes per cached element (2 = bf16)")
     p.set_defaults(func=cmd_inspect)

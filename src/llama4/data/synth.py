@@ -99,7 +99,9 @@ def video_frames(rng: random.Random, size: int, n_frames: int) -> tuple[list[Ima
 
 
 def write_video(frames: list[Image.Image], path: Path, fps: int = 2) -> None:
-    import av
+    from ..media.video import import_av
+
+    av = import_av()
 
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream("mpeg4", rate=fps)
@@ -127,6 +129,8 @@ def make_dataset(out: str | Path, *, n_train: int = 4000, n_heldout: int = 400, 
     if image_size < 16 or video_frames_n < 2:
         raise ValueError(f"image_size must be >= 16 and video frames >= 2, got {image_size}, {video_frames_n}")
     root = Path(out)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"--out {root}: exists and is not a directory (the dataset is written into a directory)")
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "videos").mkdir(exist_ok=True)
     corpus = set()

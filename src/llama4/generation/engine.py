@@ -156,8 +156,9 @@ def generate_batch_stream(model, prompts: Sequence[Sequence[int]], *, max_new_to
                          f"max_position_embeddings ({cfg.max_position_embeddings})")
     if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
         raise ValueError(f"prefill_chunk={prefill_chunk!r} is invalid: expected an int >= 1")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise ValueError(f"seed={seed!r} is invalid: expected an int or None")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not -2**63 <= seed < 2**64):
+        raise ValueError(f"seed={seed!r} is invalid: expected an int in [-2**63, 2**64) (what torch.Generator "
+                         f"takes) or None")
     stops = _stop_ids(stop_ids, cfg.eos_token_id)
     stop_text = _StopStrings(stop_strings, tokenizer) if stop_strings else None
     if pixel_values is not None and len(rows) != 1:

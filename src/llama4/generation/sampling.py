@@ -53,8 +53,12 @@ def penalize_repeats(logits_BV: torch.Tensor, seen_BV: torch.Tensor, penalty: fl
 
 
 def filter_logits(logits_BV: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """Temperature, then top-k, top-p and min-p; removed tokens get -inf. Expects fp32 logits."""
-    logits_BV = logits_BV / p.temperature
+    """Temperature, then top-k, top-p and min-p; removed tokens get -inf. Expects fp32 logits.
+
+    The row maximum is subtracted before dividing by the temperature: the same distribution, but a
+    tiny temperature (1e-45) then sends the others to -inf and keeps the maximum at 0, instead of
+    turning every logit into +-inf and the softmax into NaN. It tends to greedy, as it should."""
+    logits_BV = (logits_BV - logits_BV.max(-1, keepdim=True).values) / p.temperature
     if 0 < p.top_k < logits_BV.shape[-1]:
         kth_B1 = torch.topk(logits_BV, p.top_k, dim=-1).values[:, -1:]
         logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, -math.inf)

@@ -25,10 +25,13 @@ import base64
 import binascii
 import io
 import math
+import os
 import struct
+from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import lru_cache
 from pathlib import Path
-from typing import Union
+from typing import Iterable, Iterator, Union
 from urllib.parse import unquote
 
 import numpy as np
@@ -50,16 +53,57 @@ MediaSource = Union[str, Path, bytes, bytearray]
 # Sources: local paths, file:// and data: URLs, raw bytes. Never the network.
 # --------------------------------------------------------------------------------------------
 
-def open_source(source: MediaSource, what: str = "media") -> tuple[str, io.BufferedIOBase]:
+# Directories local media may be read from; None = anywhere (the CLI: the user names their own files).
+# A server sets it (per request or for the process) so that a message cannot read arbitrary files.
+_ALLOWED_DIRS: ContextVar[tuple[Path, ...] | None] = ContextVar("allowed_media_dirs", default=None)
+AllowedDirs = Union[Iterable[Union[str, os.PathLike]], None]
+
+
+@contextmanager
+def allowed_media_dirs(dirs: AllowedDirs) -> Iterator[None]:
+    """Within the block, local media (paths and file:// URLs) must lie inside one of `dirs`, after
+    symlinks are resolved; data: URLs and bytes stay allowed. `None` lifts the restriction, `[]` allows
+    no local file at all. Per thread / asyncio task (a ContextVar), so concurrent requests don't mix."""
+    token = _ALLOWED_DIRS.set(_resolve_dirs(dirs))
+    try:
+        yield
+    finally:
+        _ALLOWED_DIRS.reset(token)
+
+
+def _resolve_dirs(dirs: AllowedDirs) -> tuple[Path, ...] | None:
+    if dirs is None:
+        return None
+    if isinstance(dirs, (str, os.PathLike)):
+        raise TypeError("allowed media dirs must be a list of directories, not one path string")
+    return tuple(Path(d).resolve() for d in dirs)
+
+
+def _check_allowed(path: Path, what: str, allowed_dirs: AllowedDirs) -> Path:
+    """The path to open: `path` itself, or when restricted its resolved form (checked, and opened as
+    checked, so a symlink swapped in between does not lead elsewhere)."""
+    dirs = _ALLOWED_DIRS.get() if allowed_dirs is None else _resolve_dirs(allowed_dirs)
+    if dirs is None:
+        return path
+    real = path.resolve()  # follows symlinks and '..': where the bytes actually come from
+    if not any(real == d or d in real.parents for d in dirs):
+        shown = ", ".join(str(d) for d in dirs) or "none (only data: URLs)"
+        raise ValueError(f"{what} file {str(path)!r} is outside the allowed media directories ({shown})")
+    return real
+
+
+def open_source(source: MediaSource, what: str = "media", *,
+                allowed_dirs: AllowedDirs = None) -> tuple[str, io.BufferedIOBase]:
     """Return (a name for error messages, a binary file object) for a local media source.
 
     Network URLs are refused rather than fetched: a prompt must not be able to make the
-    process reach out to arbitrary hosts.
+    process reach out to arbitrary hosts. Local files must lie inside `allowed_dirs` (default: the
+    `allowed_media_dirs` in effect, unrestricted unless set).
     """
     if isinstance(source, (bytes, bytearray)):
         return f"<{len(source)} bytes of {what}>", io.BytesIO(bytes(source))
     if isinstance(source, Path):
-        return str(source), _open_path(source, what)
+        return str(source), _open_path(source, what, allowed_dirs)
     if not isinstance(source, str):
         raise TypeError(f"{what} source must be a path, a file:// or data: URL, or bytes; got {type(source).__name__}")
     scheme = source.split(":", 1)[0].lower() if ":" in source else ""
@@ -70,14 +114,15 @@ def open_source(source: MediaSource, what: str = "media") -> tuple[str, io.Buffe
         return "<data: URL>", io.BytesIO(_decode_data_url(source, what))
     if scheme == "file":
         path = unquote(source[len("file://"):] if source.startswith("file://") else source[len("file:"):])
-        return path, _open_path(Path(path), what)
-    return source, _open_path(Path(source), what)
+        return path, _open_path(Path(path), what, allowed_dirs)
+    return source, _open_path(Path(source), what, allowed_dirs)
 
 
-def _open_path(path: Path, what: str) -> io.BufferedIOBase:
-    if not path.is_file():
+def _open_path(path: Path, what: str, allowed_dirs: AllowedDirs = None) -> io.BufferedIOBase:
+    real = _check_allowed(path, what, allowed_dirs)  # before anything about the file is revealed
+    if not real.is_file():
         raise FileNotFoundError(f"{what} file {str(path)!r} does not exist or is not a regular file")
-    return path.open("rb")
+    return real.open("rb")
 
 
 def _decode_data_url(url: str, what: str) -> bytes:
@@ -96,19 +141,21 @@ def _decode_data_url(url: str, what: str) -> bytes:
 # Loading and colour conversion
 # --------------------------------------------------------------------------------------------
 
-def load_image(source: MediaSource, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+def load_image(source: MediaSource, *, max_pixels: int = MAX_IMAGE_PIXELS,
+               allowed_dirs: AllowedDirs = None) -> Image.Image:
     """Decode an image from a path, file:// or data: URL, or bytes; EXIF orientation applied.
 
     Only the first frame of an animated image is kept. Raises FileNotFoundError for a missing
     file and ValueError for anything that is not a decodable image within `max_pixels`.
-    (Pillow refuses images over twice its own `Image.MAX_IMAGE_PIXELS` regardless.)
+    (Pillow refuses images over twice its own `Image.MAX_IMAGE_PIXELS` regardless.) Local files
+    must lie inside `allowed_dirs` when given (see `allowed_media_dirs`).
     """
-    name, fp = open_source(source, "image")
+    name, fp = open_source(source, "image", allowed_dirs=allowed_dirs)
     with fp:
         try:
             image = Image.open(fp)
             # open() has read only the header: refuse before the pixels are decoded.
-            _check_pixels(image.size, max_pixels, name)
+            check_pixels(image.size, max_pixels, name)
             image.load()
         except Image.DecompressionBombError as e:
             raise ValueError(f"image {name!r} is too large to decode safely: {e}") from None
@@ -120,12 +167,13 @@ def load_image(source: MediaSource, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Im
     return _exif_upright(image)
 
 
-def _check_pixels(size: tuple[int, int], max_pixels: int, name: str) -> None:
+def check_pixels(size: tuple[int, int], max_pixels: int, name: str, what: str = "image") -> None:
+    """Refuse a picture (an image, or a video's frames) over `max_pixels`, from its header size."""
     width, height = size
     if width <= 0 or height <= 0:
-        raise ValueError(f"image {name!r} has zero size ({width}x{height})")
+        raise ValueError(f"{what} {name!r} has zero size ({width}x{height})")
     if width * height > max_pixels:
-        raise ValueError(f"image {name!r} is {width}x{height} = {width * height:,} pixels, over the limit of "
+        raise ValueError(f"{what} {name!r} is {width}x{height} = {width * height:,} pixels, over the limit of "
                          f"{max_pixels:,} (a possible decompression bomb); raise max_pixels if it is genuine")
 
 

@@ -17,11 +17,17 @@ from typing import Iterator
 
 from PIL import Image
 
-from .image import MediaSource, open_source
+from .image import AllowedDirs, MediaSource, check_pixels, open_source
 
 # Seek rather than decode forward when the next sample is this far ahead. Encoders put a keyframe
 # every few seconds, so a shorter hop is cheaper to decode straight through.
 SEEK_AHEAD_S = 4.0
+# Frames are capped like images, checked from the stream header before anything is decoded. Lower than
+# the image cap (89M): a clip decodes many frames, and an 8000x8000 clip of 2 MB took 12 s and 3.2 GB.
+# 8K UHD, the largest common video format, still passes; every frame becomes 336x336 tiles anyway.
+MAX_FRAME_PIXELS = 7680 * 4320
+# fps above this samples more often than any real clip has frames; it also keeps 1 / fps finite.
+MAX_SAMPLE_FPS = 1000.0
 
 
 @dataclass(frozen=True)
@@ -30,36 +36,44 @@ class VideoFrame:
     timestamp: float  # seconds from the start of the video stream
 
 
-def load_video(source: MediaSource, *, num_frames: int = 8, fps: float | None = None) -> list[VideoFrame]:
+def load_video(source: MediaSource, *, num_frames: int = 8, fps: float | None = None,
+               max_pixels: int = MAX_FRAME_PIXELS, allowed_dirs: AllowedDirs = None) -> list[VideoFrame]:
     """Sample frames from a video file, file:// or data: URL, or bytes.
 
     By default `num_frames` frames are taken at the centres of equal slices of the clip. With
     `fps`, frames are taken every `1 / fps` seconds from the start instead; `num_frames` stays the
     cap, so a clip long enough to need more is sampled uniformly with `num_frames`. Each returned
     frame is the one on screen at its sample time. Raises FileNotFoundError or ValueError naming
-    the source when it is missing, unreadable or has no video stream.
+    the source when it is missing, unreadable, has no video stream, or has frames over `max_pixels`.
+    Local files must lie inside `allowed_dirs` when given (see `media.image.allowed_media_dirs`).
     """
-    if num_frames < 1:
-        raise ValueError(f"num_frames must be at least 1, got {num_frames}")
-    if fps is not None and not fps > 0:
-        raise ValueError(f"fps must be positive, got {fps}")
-    av = _import_av()
-    name, fp = open_source(source, "video")
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+        raise ValueError(f"num_frames must be an integer >= 1, got {num_frames!r}")
+    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or
+                            not 0 < fps <= MAX_SAMPLE_FPS):
+        raise ValueError(f"fps={fps!r} is invalid: expected a number in (0, {MAX_SAMPLE_FPS:g}] frames per second, "
+                         f"or None to sample num_frames frames evenly")
+    av = import_av()
+    name, fp = open_source(source, "video", allowed_dirs=allowed_dirs)
     with fp:
         with _open_container(av, fp, name) as container:
-            start, duration = _stream_span(container, _video_stream(container, name), name)
+            stream = _video_stream(container, name)
+            size = (stream.codec_context.width, stream.codec_context.height)
+            if size != (0, 0):  # 0x0: not in the header; each frame is checked as it is decoded
+                check_pixels(size, max_pixels, name, "video")
+            start, duration = _stream_span(container, stream, name)
         # Decode with a fresh demuxer: raw streams cannot seek back after a duration scan.
         fp.seek(0)
         with _open_container(av, fp, name) as container:
             stream = _video_stream(container, name)
             times = _sample_times(duration, num_frames, fps)
             try:
-                return list(_frames_at(container, stream, start, duration, times))
+                return list(_frames_at(container, stream, start, duration, times, max_pixels, name))
             except (av.error.FFmpegError, ValueError) as e:
                 raise ValueError(f"video {name!r} is corrupt or truncated: {e}") from None
 
 
-def _import_av():
+def import_av():
     try:
         import av
     except ImportError:
@@ -104,13 +118,14 @@ def _sample_times(duration: float, num_frames: int, fps: float | None) -> list[f
     return [(i + 0.5) * duration / num_frames for i in range(num_frames)]
 
 
-def _frames_at(container, stream, start: float, duration: float, times: list[float]) -> Iterator[VideoFrame]:
+def _frames_at(container, stream, start: float, duration: float, times: list[float], max_pixels: int,
+               name: str) -> Iterator[VideoFrame]:
     """For each time, the last frame shown at or before it (the first frame for earlier times).
 
     Holds at most two decoded frames: the one on screen at the current sample time, and the
     first one after it, which may be the answer for the next sample.
     """
-    av = _import_av()
+    av = import_av()
     rate = float(stream.average_rate) if stream.average_rate else None
     # The last frame of a whole file lies within a frame of any sample time; frames that stop
     # well short of one mean the file was cut off.
@@ -133,6 +148,8 @@ def _frames_at(container, stream, start: float, duration: float, times: list[flo
             ahead = next(decoded, None)
             if ahead is None:  # end of stream: the last frame stays on screen
                 break
+            # The header's size may be missing or change mid-stream: each frame is checked too.
+            check_pixels((ahead.width, ahead.height), max_pixels, name, "video")
             last_seen = _seconds(ahead, start)
         frame = shown if shown is not None else ahead
         if frame is None or t - last_seen > slack:

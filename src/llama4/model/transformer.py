@@ -116,8 +116,17 @@ class Llama4(nn.Module):
             raise ValueError("pixel_values given but this model has no vision encoder (text-only config)")
         slots_BT = input_ids_BT == self.config.image_token_index
         # Check the count before running the tower: a mismatch is a prompt/tiling bug, not worth the compute.
-        if pixel_values.ndim != 4:
-            raise ValueError(f"pixel_values must be tiles [N, C, S, S], got shape {tuple(pixel_values.shape)}")
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4:
+            got = f"shape {tuple(pixel_values.shape)}" if isinstance(pixel_values, torch.Tensor) else \
+                type(pixel_values).__name__
+            raise ValueError(f"pixel_values must be tiles [N, C, S, S], got {got}")
+        # Raw uint8 pixels are refused, not converted: the tower expects tiles normalised to [-1, 1]
+        # (preprocess_image), and a silent conversion would hide a skipped preprocessing step.
+        if not pixel_values.is_floating_point():
+            raise ValueError(f"pixel_values have dtype {pixel_values.dtype}; expected floating-point tiles normalised "
+                             f"to [-1, 1], as llama4.preprocess_image returns (raw uint8 pixels are not accepted)")
+        if not bool(torch.isfinite(pixel_values).all()):
+            raise ValueError("pixel_values contain NaN or infinite values; expected tiles normalised to [-1, 1]")
         per_tile = self.config.vision.tokens_per_tile
         n_slots, n_tiles = int(slots_BT.sum()), pixel_values.shape[0]
         if n_slots != n_tiles * per_tile:
@@ -196,8 +205,8 @@ def _check_ids(input_ids: torch.Tensor, vocab: int) -> None:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"input_ids must be an integer tensor [B, T], got "
                          f"{getattr(input_ids, 'dtype', type(input_ids).__name__)}")
-    if input_ids.ndim != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must have shape [B, T] with T >= 1, got {tuple(input_ids.shape)}")
+    if input_ids.ndim != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must have shape [B, T] with B >= 1 and T >= 1, got {tuple(input_ids.shape)}")
     lo, hi = int(input_ids.min()), int(input_ids.max())
     if lo < 0 or hi >= vocab:
         raise ValueError(f"token ids must be in [0, {vocab}), got values in [{lo}, {hi}]")

@@ -8,9 +8,31 @@ format and stop ids work unchanged. The result is a `tokenizer.json` that `llama
 
 from __future__ import annotations
 
+import codecs
 from pathlib import Path
 
 from .tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
+
+
+def _check_utf8(path: Path, block: int = 1 << 20) -> None:
+    """ValueError naming the file, line and byte of the first invalid UTF-8 (the trainer would only
+    say "stream did not contain valid UTF-8"). Streams the file: corpora may be large."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line, offset = 1, 0
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(block)
+            try:
+                decoder.decode(data, final=not data)
+            except UnicodeDecodeError as e:
+                at = offset + max(e.start, 0)
+                line += data[:max(e.start, 0)].count(b"\n")
+                raise ValueError(f"corpus file {path}: line {line} (byte {at}) is not valid UTF-8; "
+                                 f"re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+            if not data:
+                return
+            line += data.count(b"\n")
+            offset += len(data)
 
 
 def train_tokenizer(corpus: list[str | Path], vocab_size: int, out: str | Path) -> Path:
@@ -23,6 +45,11 @@ def train_tokenizer(corpus: list[str | Path], vocab_size: int, out: str | Path) 
         raise FileNotFoundError(f"corpus file(s) not found: {', '.join(missing)}")
     if vocab_size < 256:
         raise ValueError(f"--vocab-size {vocab_size} is below 256; a byte-level BPE needs a token for every byte")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a directory (tokenizer.json is written into a directory)")
+    for f in corpus:
+        _check_utf8(Path(f))
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
@@ -33,7 +60,6 @@ def train_tokenizer(corpus: list[str | Path], vocab_size: int, out: str | Path) 
                                   show_progress=False)
     tok.train([str(f) for f in corpus], trainer)
     tok.add_special_tokens(SPECIAL_TOKENS)  # ids follow the ordinary vocabulary, in Llama 4's order
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "tokenizer.json"
     tok.save(str(path))

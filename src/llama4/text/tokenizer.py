@@ -71,6 +71,8 @@ _REQUIRED_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|header_start|>"
 # cut at exactly the same places.
 MAX_ENCODE_CHARS = 400_000
 MAX_RUN_CHARS = 25_000
+# Segments handed to the tokenizer.json backend per call: bounds its memory to a few segments' Encodings.
+HF_BATCH_SEGMENTS = 4
 # str.isspace() per code point (the reference's test for a run), looked up in one vectorised step instead
 # of a Python loop over every character. No code point above the BMP is whitespace; the last entry, which
 # all larger code points are clamped to, is False.
@@ -211,7 +213,26 @@ class _HFBackend:
                 raise ValueError(f"{path}: token {piece!r} (id {i}) is not written in the byte-level alphabet")
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+        # A few segments at a time: `tokenizers` keeps a full Encoding (token strings, offsets, masks) per
+        # segment until the call returns, ~100 bytes a token, so one call on a 50 MB text held GBs. The
+        # segments are the reference's own cuts (see _segments), so batching them changes no id.
+        out: list[list[int]] = []
+        for start in range(0, len(texts), HF_BATCH_SEGMENTS):
+            batch = texts[start:start + HF_BATCH_SEGMENTS]
+            try:
+                encodings = self._encode(batch)
+            except (TypeError, UnicodeEncodeError, ValueError, OverflowError):
+                # A lone surrogate (from argv or stdin decoded with surrogateescape) is not valid UTF-8,
+                # which the Rust side cannot take. Replace it with U+FFFD, as tiktoken does.
+                encodings = self._encode([t.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+                                          for t in batch])
+            out += [e.ids for e in encodings]
+        return out
+
+    def _encode(self, texts: list[str]):
+        # encode_batch_fast skips the character offsets we never read.
+        fast = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        return fast(texts, add_special_tokens=False)
 
     def decode_bytes(self, ids: Sequence[int]) -> bytes:
         return b"".join(self._bytes[i] for i in ids)

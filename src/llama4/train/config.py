@@ -7,6 +7,7 @@
     [checkpoint] how often to save and how many to keep
     [moe]        expert balancing: bias update rate (loss-free) and optional auxiliary loss
     [lora]       low-rank adapters instead of full fine-tuning
+    [parallel]   scale-out under torchrun: data-parallel replicas/shards, tensor and expert parallel sizes
 
 Command-line overrides are `section.key=value` strings whose value is read as TOML (`optim.lr=1e-3`,
 `data.paths=["a.jsonl"]`); a bare word that is not TOML is taken as a string (`train.out_dir=runs/x`).
@@ -90,6 +91,16 @@ class LoRASection:
 
 
 @dataclass
+class ParallelSection:
+    # world size = dp_replicate * dp_shard * tp; expert-parallel ranks are taken from the dp_shard ranks.
+    dp_replicate: int = 1  # full replicas (HSDP's outer dim)
+    dp_shard: int = -1  # FSDP2 shards; -1 = whatever the world size leaves
+    tp: int = 1  # tensor parallel: attention heads and dense FFN columns
+    ep: int = 1  # expert parallel: routed experts split over this many ranks
+    compile: bool = False  # torch.compile each decoder block
+
+
+@dataclass
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -98,12 +109,14 @@ class TrainConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     moe: MoESection = field(default_factory=MoESection)
     lora: LoRASection = field(default_factory=LoRASection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 LORA_TARGETS = ("attention", "experts")
+DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
 def config_from_dict(d: dict, where: str = "config") -> TrainConfig:
@@ -205,12 +218,16 @@ def _validate(c: TrainConfig, where: str) -> None:
     need(c.optim.lr > 0, f"optim.lr must be > 0, got {c.optim.lr}")
     need(0 <= c.optim.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {c.optim.min_lr_ratio}")
     need(c.optim.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {c.optim.warmup_steps}")
-    need(len(c.optim.betas) == 2 and all(0 <= b < 1 for b in c.optim.betas),
+    need(len(c.optim.betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                                         for b in c.optim.betas),
          f"optim.betas must be two numbers in [0, 1), got {c.optim.betas}")
     need(c.optim.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {c.optim.grad_clip}")
     need(c.train.steps >= 1, f"train.steps must be >= 1, got {c.train.steps}")
     need(c.train.grad_accum >= 1, f"train.grad_accum must be >= 1, got {c.train.grad_accum}")
     need(c.train.loss_chunk >= 1, f"train.loss_chunk must be >= 1, got {c.train.loss_chunk}")
+    need(c.train.device == "auto" or c.train.device.split(":")[0] in DEVICE_TYPES,
+         f"train.device = {c.train.device!r} is not a device this trainer runs on; expected \"auto\" or one of "
+         f"{list(DEVICE_TYPES)} (optionally with an index, e.g. \"cuda:1\")")
     need(c.train.bf16 in ("auto", True, False), f"train.bf16 must be true, false or \"auto\", got {c.train.bf16!r}")
     need(c.checkpoint.every >= 0 and c.checkpoint.keep >= 1,
          f"checkpoint.every must be >= 0 and checkpoint.keep >= 1, got {c.checkpoint.every}, {c.checkpoint.keep}")
@@ -218,6 +235,10 @@ def _validate(c: TrainConfig, where: str) -> None:
          f"moe.bias_update_rate and moe.aux_loss_coef must be >= 0, got {c.moe.bias_update_rate}, "
          f"{c.moe.aux_loss_coef}")
     need(c.lora.rank >= 1, f"lora.rank must be >= 1, got {c.lora.rank}")
+    p = c.parallel
+    need(all(v >= 1 for v in (p.dp_replicate, p.tp, p.ep)) and (p.dp_shard >= 1 or p.dp_shard == -1),
+         f"parallel.dp_replicate, tp and ep must be >= 1 and parallel.dp_shard >= 1 or -1, got "
+         f"dp_replicate={p.dp_replicate}, dp_shard={p.dp_shard}, tp={p.tp}, ep={p.ep}")
     bad = [t for t in c.lora.targets if t not in LORA_TARGETS]
     need(not bad and c.lora.targets,
          f"lora.targets {c.lora.targets} must be a non-empty subset of {list(LORA_TARGETS)}")

@@ -200,11 +200,16 @@ def read_documents(paths: list[str], encoder: Encoder) -> list[Document]:
 
 def _read_jsonl(path: Path, encoder: Encoder) -> list[Document]:
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            where = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not valid UTF-8 (byte {e.start + 1} of the line is "
+                                 f"{raw[e.start:e.start + 1]!r}); JSONL files must be UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path}:{n}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
@@ -281,6 +286,10 @@ class PackedData:
         return [r for r in rows if r]
 
     def next_batch(self) -> Batch:
+        return self.collate(self.next_rows())
+
+    def next_rows(self) -> list[list[Piece]]:
+        """The next `batch_size` rows, advancing the position (data-parallel ranks collate their share)."""
         rows = []
         while len(rows) < self.cfg.batch_size:
             epoch_rows = self.rows(self.state["epoch"])
@@ -289,7 +298,7 @@ class PackedData:
                 continue
             rows.append(epoch_rows[self.state["row"]])
             self.state = {"epoch": self.state["epoch"], "row": self.state["row"] + 1}
-        return self.collate(rows)
+        return rows
 
     def collate(self, rows: list[list[Piece]]) -> Batch:
         B, T = len(rows), self.cfg.seq_len

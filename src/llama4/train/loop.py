@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -47,11 +48,15 @@ def run(config: TrainConfig | dict | str | Path, *, resume: bool = False, overri
     With `resume`, continue from the newest checkpoint in the output directory: same data order,
     optimizer, schedule, RNG and expert biases, so the losses match an uninterrupted run.
     """
-    cfg = _as_config(config, overrides)
+    cfg = as_config(config, overrides)
+    p = cfg.parallel
+    if max(p.dp_replicate, p.dp_shard, p.tp, p.ep) > 1:
+        raise ValueError(f"[parallel] asks for several ranks ({p}); launch with torchrun --nproc-per-node N "
+                         f"-m llama4 train ...")
     return Trainer(cfg, resume=resume).train()
 
 
-def _as_config(config, overrides) -> TrainConfig:
+def as_config(config, overrides) -> TrainConfig:
     if isinstance(config, TrainConfig):
         if overrides:
             raise ValueError("overrides apply to a TOML file or a dict of sections, not to a TrainConfig")
@@ -64,7 +69,17 @@ def _as_config(config, overrides) -> TrainConfig:
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"train.device = {name!r}: {e}") from None
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(device.type)
+    if available is not None and not available():
+        raise ValueError(f"train.device = {name!r}, but this machine has no {device.type.upper()} device that torch "
+                         f"can use (torch {torch.__version__}); use \"cpu\" or \"auto\"")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"train.device = {name!r}, but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return device
 
 
 def load_tokenizer(cfg: TrainConfig) -> Tokenizer:
@@ -97,6 +112,8 @@ def build_model(cfg: TrainConfig, tok: Tokenizer, device: torch.device) -> Llama
         mc = preset(cfg.model.preset).replace(**text)
     except TypeError as e:
         raise ValueError(f"model.overrides: {e} (keys must be text config fields)") from None
+    except ValueError as e:
+        raise ValueError(f"model.overrides: {e}") from None
     if cfg.model.text_only:
         mc.vision = None
     elif cfg.model.vision_overrides:
@@ -104,6 +121,8 @@ def build_model(cfg: TrainConfig, tok: Tokenizer, device: torch.device) -> Llama
             mc.vision = dataclasses.replace(mc.vision, **cfg.model.vision_overrides)
         except TypeError as e:
             raise ValueError(f"model.vision_overrides: {e} (keys must be vision config fields)") from None
+        except ValueError as e:
+            raise ValueError(f"model.vision_overrides: {e}") from None
     mc.image_token_index, mc.boi_token_index, mc.eoi_token_index = \
         sp["<|patch|>"], sp["<|image_start|>"], sp["<|image_end|>"]
     if tok.vocab_size > mc.text.vocab_size:
@@ -151,6 +170,7 @@ class Progress:
 
     def __init__(self, total: int, enabled: bool):
         self.total, self.enabled, self.t0 = total, enabled, time.perf_counter()
+        self.threads = torch.get_num_threads()  # shown: a slow setting should be visible at a glance
 
     def update(self, step: int, start_step: int, loss: float, tok_s: float) -> None:
         if not self.enabled:
@@ -159,7 +179,8 @@ class Progress:
         per_step = (time.perf_counter() - self.t0) / max(done, 1)
         eta = int(per_step * (self.total - step))
         bar = "#" * int(24 * step / self.total)
-        sys.stderr.write(f"\rstep {step}/{self.total} [{bar:<24}] loss {loss:.4f}  {tok_s:,.0f} tok/s  "
+        sys.stderr.write(f"\rstep {step}/{self.total} [{bar:<24}] loss {loss:.4f}  {tok_s:,.0f} tok/s "
+                         f"({self.threads} thread{'s' * (self.threads != 1)})  "
                          f"ETA {eta // 3600}:{eta % 3600 // 60:02d}:{eta % 60:02d} ")
         sys.stderr.flush()
 
@@ -169,6 +190,9 @@ class Progress:
 
 
 class Trainer:
+    # Subclasses that run on several ranks (train/parallel_trainer.py) override the hooks marked below.
+    main = True  # this process writes logs, metrics and plots
+
     def __init__(self, cfg: TrainConfig, resume: bool = False):
         self.cfg, self.resume = cfg, resume
         t = cfg.train
@@ -176,7 +200,12 @@ class Trainer:
         self.out = Path(t.out_dir)
         torch.manual_seed(t.seed)
         self.tok = load_tokenizer(cfg)
-        self.model = build_model(cfg, self.tok, self.device)
+        self.model = self.build_model()
+        window = self.model.config.text.max_position_embeddings
+        if cfg.data.seq_len > window:
+            raise ValueError(f"data.seq_len={cfg.data.seq_len} is beyond the model's window: max_position_embeddings="
+                             f"{window}; lower seq_len (or raise model.overrides.max_position_embeddings for a "
+                             f"preset)")
         encoder = Encoder(self.tok, self.model.config, cfg.data)
         docs = read_documents(cfg.data.paths, encoder)
         self.data = PackedData(docs, encoder, cfg.data, t.seed, self.tok.pad_id)
@@ -188,7 +217,7 @@ class Trainer:
             self.params = [p for p in self.model.parameters() if p.requires_grad]
         if t.activation_checkpointing:
             checkpoint_layers(self.model)
-        self.opt = make_optimizer(self.params, cfg)
+        self.opt = self.build_optimizer()
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
         self.balancer = ExpertBalancer(self.model, cfg.moe.bias_update_rate, cfg.moe.aux_loss_coef)
         bf16 = t.bf16 if t.bf16 != "auto" else self.device.type == "cuda"
@@ -199,6 +228,18 @@ class Trainer:
         elif latest_checkpoint(self.out) is not None:
             raise ValueError(f"train.out_dir {self.out} already holds checkpoints; pass --resume to continue "
                              f"that run or choose another out_dir")
+
+    def build_model(self) -> Llama4:  # hook
+        return build_model(self.cfg, self.tok, self.device)
+
+    def build_optimizer(self) -> torch.optim.Optimizer:  # hook
+        return make_optimizer(self.params, self.cfg)
+
+    def count_targets(self, batches: list) -> int:  # hook: the step's target tokens, over every rank
+        return sum(b.n_targets for b in batches)
+
+    def clip_gradients(self, max_norm: float) -> torch.Tensor:  # hook
+        return torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
 
     def _restore(self) -> None:
         found = checkpoints(self.out)
@@ -265,10 +306,12 @@ class Trainer:
     def train(self) -> Path:
         cfg, t = self.cfg, self.cfg.train
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        progress = Progress(t.steps, t.progress)
+        if self.main:
+            (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        progress = Progress(t.steps, t.progress and self.main)
         start = self.step
-        with open(self.out / "metrics.jsonl", "a" if self.resume else "w") as log:
+        metrics = self.out / "metrics.jsonl" if self.main else os.devnull
+        with open(metrics, "a" if self.resume else "w") as log:
             while self.step < t.steps:
                 row = self.train_step()
                 log.write(json.dumps(row) + "\n")
@@ -276,13 +319,14 @@ class Trainer:
                 progress.update(self.step, start, row["loss"], row["tokens_per_s"])
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < t.steps:
                     self.save()
-                if t.plot_every and self.step % t.plot_every == 0:
+                if t.plot_every and self.step % t.plot_every == 0 and self.main:
                     plot_run(self.out)
         progress.close()
         last = latest_checkpoint(self.out)
         if last is None or last.name != f"step_{self.step:07d}":
             self.save()
-        plot_run(self.out)
+        if self.main:
+            plot_run(self.out)
         return self.out
 
     def train_step(self) -> dict:
@@ -290,7 +334,7 @@ class Trainer:
         model, t = self.model, self.cfg.train
         model.train()
         batches = [self.data.next_batch() for _ in range(t.grad_accum)]
-        n_targets = max(1, sum(b.n_targets for b in batches))
+        n_targets = max(1, self.count_targets(batches))
         loss_sum, aux_sum = 0.0, 0.0
         # Adapters: compute each merged weight once per forward, not at every use.
         cached = parametrize.cached if self.cfg.lora.enabled else nullcontext
@@ -312,7 +356,7 @@ class Trainer:
             loss_sum += loss.item()
             aux_sum += 0.0 if aux is None else aux.item() / t.grad_accum
         clip = self.cfg.optim.grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"), foreach=True)
+        grad_norm = self.clip_gradients(clip if clip > 0 else float("inf"))
         lr = self.sched.get_last_lr()[0]
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)

@@ -167,8 +167,8 @@ def read_adapter_config(path: str | Path) -> dict:
     if not f.is_file() or not (Path(path) / ADAPTER_FILE).is_file():
         raise FileNotFoundError(f"{path}: not a LoRA adapter directory (expected {ADAPTER_FILE} and {ADAPTER_CONFIG})")
     try:
-        cfg = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
+        cfg = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{f}: not valid JSON ({e})") from None
     if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
         raise ValueError(f"{f}: peft_type={cfg.get('peft_type') if isinstance(cfg, dict) else None!r}; expected a "
