@@ -6,8 +6,8 @@ Each `Scheduler.step()`:
 2. admits waiting requests while there is room (a running slot and free blocks), reusing any cached
    prefix of their prompt;
 3. runs one step: one decode token for every running request whose prompt is done, plus a slice of
-   at most `prefill_chunk` tokens of one unfinished prompt (chunked prefill: a long prompt never
-   stalls the others for more than one slice), all in one forward (a mixed batch, `kv.base.Step`),
+   at most `prefill_chunk` tokens in all of unfinished prompts, oldest first (chunked prefill: a long
+   prompt never stalls the others for more than one slice), all in one forward (a mixed batch, `kv.base.Step`),
    each sequence at its own positions, straight on the paged blocks;
 4. samples each request's next token with its own parameters and its own `torch.Generator`, so a
    seeded request gives the same tokens whoever shares its batch, and retires finished requests.
@@ -164,12 +164,15 @@ class Scheduler:
             return
         while True:
             decode = [r for r in self.running if len(r.tokens) - r.computed == 1]
-            prefill = next((r for r in self.running if len(r.tokens) - r.computed > 1), None)
-            segs = [(r.seq, 1) for r in decode]
-            n_pre = 0
-            if prefill is not None:
-                n_pre = min(self.prefill_chunk, len(prefill.tokens) - prefill.computed)
-                segs.append((prefill.seq, n_pre))
+            # Prefill slices, oldest first, within a budget of `prefill_chunk` tokens per step: a burst of
+            # short prompts starts together, a long one takes the whole budget slice by slice.
+            prefills, budget = [], self.prefill_chunk
+            for r in self.running:
+                if budget and len(r.tokens) - r.computed > 1:
+                    n = min(budget, len(r.tokens) - r.computed)
+                    prefills.append((r, n))
+                    budget -= n
+            segs = [(r.seq, 1) for r in decode] + [(r.seq, n) for r, n in prefills]
             try:
                 plan = self.kv.plan(segs)
                 break
@@ -179,7 +182,7 @@ class Scheduler:
                     return
         self.steps += 1
         with torch.inference_mode():
-            logits = self._run(plan, decode, prefill, n_pre)
+            logits = self._run(plan, decode, prefills)
         for req, logits_V in logits.items():
             self._emit(req, logits_V)
 
@@ -212,36 +215,39 @@ class Scheduler:
         self.running.remove(req)
         self.waiting.appendleft(req)
 
-    def _run(self, step, decode: list[Request], prefill: Request | None, n: int) -> dict[Request, torch.Tensor]:
-        """One forward over the decode tokens (one per request) followed by the prefill slice."""
+    def _run(self, step, decode: list[Request], prefills: list[tuple[Request, int]]) -> dict[Request, torch.Tensor]:
+        """One forward over the decode tokens (one per request) followed by the prefill slices."""
         ids = [r.tokens[-1] for r in decode]
-        a = b = 0
-        if prefill is not None:
-            a, b = prefill.computed, prefill.computed + n
-            ids += prefill.tokens[a:b]
+        spans = []  # (request, first position, end position, offset in the step's tokens)
+        for r, n in prefills:
+            spans.append((r, r.computed, r.computed + n, len(ids)))
+            ids += r.tokens[r.computed:r.computed + n]
         ids_1N = torch.tensor([ids], device=self.device)
-        if prefill is not None and prefill.embeds_TD is not None:
-            # Image features for the prompt part of the slice; plain token embeddings for the rest.
+        if any(r.embeds_TD is not None for r, *_ in spans):
+            # Image features for the prompt part of a slice; plain token embeddings for the rest.
             x_ND = self.model.tok_embeddings(ids_1N[0])
-            hi = min(b, len(prefill.prompt))
-            if a < hi:
-                x_ND[len(decode):len(decode) + hi - a] = prefill.embeds_TD[a:hi]
+            for r, a, b, off in spans:
+                hi = min(b, len(r.prompt))
+                if r.embeds_TD is not None and a < hi:
+                    x_ND[off:off + hi - a] = r.embeds_TD[a:hi]
             inputs = dict(embeds=x_ND[None])
         else:
             inputs = dict(input_ids=ids_1N)
         h_1ND = self.model(**inputs, cache=self.kv, step=step, return_hidden=True)
-        last = step.last_G if prefill is None or b == len(prefill.tokens) else step.last_G[:len(decode)]
-        logits_GV = self.model.output(h_1ND[0, last]).float()
+        # Next-token logits for the decode rows and for the slices that finish their request's tokens.
+        want = list(range(len(decode))) + [len(decode) + j for j, (r, a, b, off) in enumerate(spans)
+                                            if b == len(r.tokens)]
+        logits_GV = self.model.output(h_1ND[0, step.last_G[want]]).float()
+        rows = dict(zip(want, range(len(want))))
         out = {r: logits_GV[g] for g, r in enumerate(decode)}
         for r in decode:
             r.computed += 1
-        if prefill is not None:
-            prefill.computed = b
-            if prefill.prompt_logprobs and a < len(prefill.prompt):
-                h_TD = h_1ND[0, len(decode):len(decode) + min(b, len(prefill.prompt)) - a]
-                self._prompt_logprobs(prefill, a, h_TD)
-            if b == len(prefill.tokens):
-                out[prefill] = logits_GV[-1]
+        for j, (r, a, b, off) in enumerate(spans):
+            r.computed = b
+            if r.prompt_logprobs and a < len(r.prompt):
+                self._prompt_logprobs(r, a, h_1ND[0, off:off + min(b, len(r.prompt)) - a])
+            if b == len(r.tokens):
+                out[r] = logits_GV[rows[len(decode) + j]]
         return out
 
     def _prompt_logprobs(self, req: Request, a: int, h_TD: torch.Tensor) -> None:
