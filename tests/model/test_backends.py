@@ -28,15 +28,18 @@ def _packed_positions(lengths: list[int], first: int = 0) -> torch.Tensor:
     return torch.cat(parts)
 
 
+@pytest.mark.parametrize("kernel", ["documents_causal", pytest.param("documents_flex", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("chunk", [None, 8])
-def test_documents_equal_the_document_mask(chunk):
+def test_documents_equal_the_document_mask(chunk, kernel):
+    """Per-document SDPA (the CPU choice) and FlexAttention with a block mask (the CUDA choice,
+    checked here on the CPU, compiled: slow) against the mask packed training used to build."""
     g = torch.Generator().manual_seed(0)
     pos = torch.stack([_packed_positions([5, 17, 1, 9, 16]), _packed_positions([30, 18], first=13)])
     q = torch.randn(2, 4, 48, 8, generator=g)
     k, v = torch.randn(2, 2, 48, 8, generator=g), torch.randn(2, 2, 48, 8, generator=g)
     want = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
                                           attn_mask=_doc_mask(pos, chunk))
-    torch.testing.assert_close(backends.documents_causal(q, k, v, pos, chunk), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(getattr(backends, kernel)(q, k, v, pos, chunk), want, rtol=1e-5, atol=1e-5)
 
 
 def test_packed_forward_builds_no_txt_tensor():
@@ -77,15 +80,3 @@ def test_masked_decode_sees_its_chunk_by_position(chunk):
         want = F.scaled_dot_product_attention(q[b:b + 1], k[b:b + 1, :, keep], v[b:b + 1, :, keep])
         torch.testing.assert_close(got[b:b + 1], want, rtol=1e-5, atol=1e-5)
 
-
-@pytest.mark.slow
-@pytest.mark.parametrize("chunk", [None, 8])
-def test_flex_documents_equal_the_document_mask(chunk):
-    """FlexAttention with a block mask (the CUDA choice), checked here on the CPU, compiled."""
-    g = torch.Generator().manual_seed(3)
-    pos = torch.stack([_packed_positions([5, 17, 1, 9, 16]), _packed_positions([30, 18], first=13)])
-    q = torch.randn(2, 4, 48, 8, generator=g)
-    k, v = torch.randn(2, 2, 48, 8, generator=g), torch.randn(2, 2, 48, 8, generator=g)
-    want = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
-                                          attn_mask=_doc_mask(pos, chunk))
-    torch.testing.assert_close(backends.documents_flex(q, k, v, pos, chunk), want, rtol=1e-5, atol=1e-5)
