@@ -23,6 +23,8 @@ FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 cmake -S "$DEST" -B "$DEST/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF \
   -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_EXAMPLES=ON \
   -DCMAKE_C_FLAGS="$FLAGS" -DCMAKE_CXX_FLAGS="$FLAGS"
-cmake --build "$DEST/build" --config Release -j2
+# Only the tools the tests, benchmarks and docs use (a full build of every example takes far longer).
+TARGETS=${LLAMACPP_TARGETS:-llama-cli llama-simple llama-server llama-bench llama-quantize llama-perplexity}
+cmake --build "$DEST/build" --config Release -j2 --target $TARGETS
 ls "$DEST/build/bin"
 echo "llama.cpp built in $DEST"

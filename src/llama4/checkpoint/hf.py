@@ -37,14 +37,16 @@ ROUTING_BIAS = re.compile(r"layers\.(\d+)\.feed_forward\.expert_bias")
 def load(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
          quantize: str | None = None, quantize_only: str = "experts") -> Llama4:
     """Load an HF Llama 4 checkpoint directory (multimodal or text-only, one file or sharded), or
-    Meta's original format (`params.json` + `consolidated.*.pth`).
+    Meta's original format (`params.json` + `consolidated.*.pth`). A Hub id (`owner/name`) that is not a
+    directory is looked up in the local Hugging Face cache (never downloaded).
 
     Quantized checkpoints (compressed-tensors, fbgemm_fp8, Meta's fp8_mixed / int4_mixed) load as
     they are; `quantize="int8" | "int4" | "int4-g64" | "fp8"` quantizes a float checkpoint's experts
     (`quantize_only="all"`: and its linears) tensor by tensor while reading."""
     from . import quantized
+    from .hub import resolve_checkpoint
 
-    root = Path(path)
+    root = resolve_checkpoint(path)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: checkpoint directory does not exist")
     if not (root / "config.json").exists() and (root / "params.json").exists():

@@ -151,7 +151,7 @@ def check_params(params: dict, where: str = "params.json") -> dict:
     return p
 
 
-def _dense_hidden(p: dict) -> int:
+def dense_hidden(p: dict) -> int:
     """The dense FFN width, exactly as llama-models' TransformerBlock computes it (ffn_exp is not used)."""
     hidden = int(2 * int(4 * p["dim"]) / 3)
     if p.get("ffn_dim_multiplier") is not None:
@@ -160,7 +160,7 @@ def _dense_hidden(p: dict) -> int:
     return m * ((hidden + m - 1) // m)
 
 
-def _expert_hidden(p: dict, moe: dict, where: str) -> int:
+def expert_hidden(p: dict, moe: dict, where: str) -> int:
     """Each expert's width, exactly as llama-models' MoE computes it."""
     for name in ("ffn_exp", "ffn_dim_multiplier"):
         if p.get(name) is None:
@@ -236,11 +236,11 @@ def config_from_params(params: dict, where: str = "params.json", vocab_size: int
 
     n = p["n_layers"]
     moe = p.get("moe_args")
-    dense = _dense_hidden(p)
+    dense = dense_hidden(p)
     if moe:
         if moe.get("num_experts", -1) <= 0:
             raise ValueError(f"{where}: moe_args.num_experts={moe.get('num_experts')!r}: expected a positive int")
-        moe_kw = dict(intermediate_size=_expert_hidden(p, moe, where), num_local_experts=moe["num_experts"],
+        moe_kw = dict(intermediate_size=expert_hidden(p, moe, where), num_local_experts=moe["num_experts"],
                       num_experts_per_tok=moe.get("top_k", 1),
                       interleave_moe_layer_step=moe.get("interleave_moe_layer_step", 1))
         # The published configs have no context length; as transformers' converter: 16 experts (Scout) 10M,

@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 
+from .convert import add_convert
 from .data import add_data
 from .demo import add_demo
 from .eval import add_eval
@@ -24,7 +25,7 @@ from .train import add_train
 
 # Each entry adds one subcommand; features append theirs here.
 _COMMANDS = [add_plan, add_inspect, add_tokenizer, add_data, add_train, add_generate, add_chat, add_eval, add_demo, add_quantize,
-             add_serve]
+             add_serve, add_convert]
 
 
 def build_parser() -> argparse.ArgumentParser:

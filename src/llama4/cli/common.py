@@ -60,9 +60,10 @@ def apply_threads(args: argparse.Namespace) -> int:
 def load_model_and_tokenizer(args: argparse.Namespace):
     """The model in `args.model` (dtype `args.dtype`, `args.threads` threads) and its tokenizer."""
     from ..checkpoint import load
+    from ..checkpoint.hub import resolve_checkpoint
     from ..text.tokenizer import Tokenizer
 
-    model_dir = Path(args.model)
+    model_dir = resolve_checkpoint(args.model)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"--model {model_dir}: no such checkpoint directory")
     apply_threads(args)
