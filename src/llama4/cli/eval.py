@@ -1,4 +1,9 @@
-"""`llama4 eval`: accuracy of a model on held-out synthetic questions."""
+"""`llama4 eval`: accuracy on held-out synthetic questions, and sub-tasks (`llama4 eval <task> ...`).
+
+`llama4 eval --model DIR` (no sub-task) scores exact match on the synthetic chat set. Each sub-task is
+registered by an `add_*(subparsers)` function in `_EVAL_TASKS`, so a feature adds its sub-task with one
+import and one list entry, without touching the others.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,16 @@ from pathlib import Path
 
 from ..eval.synth_qa import evaluate, heldout_synthetic
 from .common import add_threads, load_model_and_tokenizer
+from .eval_ppl import add_eval_ppl
+
+# Each entry adds one `llama4 eval <task>` sub-task to the subparsers it is given; features append theirs here.
+_EVAL_TASKS = [add_eval_ppl]
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if not args.model:
+        raise ValueError("--model DIR is required (or name a sub-task: llama4 eval {"
+                         + ",".join(sorted(args.eval_tasks)) + "} ...)")
     args.dtype = getattr(args, "dtype", "auto")
     model, tokenizer = load_model_and_tokenizer(args)
     with tempfile.TemporaryDirectory() as tmp:
@@ -28,8 +40,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="accuracy on held-out chat questions (default: the synthetic held-out set)")
-    p.add_argument("--model", required=True, help="checkpoint directory (with its tokenizer)")
+    p = sub.add_parser("eval", help="accuracy on held-out chat questions (default: the synthetic held-out set), "
+                                    "or a sub-task: llama4 eval <task> --help")
+    # Not required=True here: `llama4 eval <task> --model DIR` gives --model to the sub-task; cmd_eval checks it.
+    p.add_argument("--model", default=None, help="checkpoint directory (with its tokenizer)")
     p.add_argument("--tokenizer", default=None, help="tokenizer file or directory (default: the model's)")
     p.add_argument("--data", default=None, help="chat JSONL with reference answers (default: synthetic held-out)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
@@ -41,3 +55,8 @@ def add_eval(sub) -> None:
     p.add_argument("--json", default=None, help="also write the scores to this JSON file")
     add_threads(p)
     p.set_defaults(func=cmd_eval)
+    tasks = p.add_subparsers(dest="eval_task", metavar="[TASK]", required=False,
+                             help="optional sub-task (each has its own --help)")
+    for add in _EVAL_TASKS:
+        add(tasks)
+    p.set_defaults(eval_tasks=list(tasks.choices))
