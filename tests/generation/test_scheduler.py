@@ -107,3 +107,21 @@ def test_check_refuses_what_can_never_run(model):
         s.add(Request(_ids(10), 5000))
     with pytest.raises(ValueError, match="vocabulary"):
         s.add(Request([1, 9999], 5))
+
+
+def test_short_prompts_get_first_token_behind_a_long_prompt(model):
+    """A burst of short prompts behind a long one gets first tokens in the next step; the long prompt
+    keeps half the prefill budget every step, and every output still equals generate."""
+    long_p, shorts = _ids(200, seed=3), [_ids(6 + k, seed=10 + k) for k in range(4)]
+    ref = [llama4.generate(model, p, max_new_tokens=5, stop_ids=[]) for p in [long_p, *shorts]]
+    s = _sched(model, prefill_chunk=64)
+    reqs = [s.add(Request(long_p, 5))]
+    s.step()
+    assert reqs[0].computed == 64
+    reqs += [s.add(Request(p, 5)) for p in shorts]
+    s.step()
+    assert all(len(r.generated) == 1 for r in reqs[1:])  # 6..9 tokens each: all fit beside the long one
+    assert reqs[0].computed == 64 + 64 - (6 + 7 + 8 + 9)  # half promised, plus what the shorts left
+    while s.has_work():
+        s.step()
+    assert [r.generated for r in reqs] == ref

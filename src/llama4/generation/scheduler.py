@@ -5,10 +5,12 @@ Each `Scheduler.step()`:
 1. drops cancelled requests (their blocks go back to the pool);
 2. admits waiting requests while there is room (a running slot and free blocks), reusing any cached
    prefix of their prompt;
-3. runs one step: one decode token for every running request whose prompt is done, plus a slice of
-   at most `prefill_chunk` tokens in all of unfinished prompts, oldest first (chunked prefill: a long
-   prompt never stalls the others for more than one slice), all in one forward (a mixed batch, `kv.base.Step`),
-   each sequence at its own positions, straight on the paged blocks;
+3. runs one step: one decode token for every running request whose prompt is done, plus slices of
+   at most `prefill_chunk` prompt tokens in all (chunked prefill: a long prompt never stalls the others
+   for more than one slice). The oldest unfinished prompt is promised half the budget, the rest goes to
+   the prompts with the fewest tokens left, so new short requests get their first token in the next
+   step even behind a long prompt. All in one forward (a mixed batch, `kv.base.Step`), each sequence at
+   its own positions, straight on the paged blocks;
 4. samples each request's next token with its own parameters and its own `torch.Generator`, so a
    seeded request gives the same tokens whoever shares its batch, and retires finished requests.
 
@@ -164,14 +166,7 @@ class Scheduler:
             return
         while True:
             decode = [r for r in self.running if len(r.tokens) - r.computed == 1]
-            # Prefill slices, oldest first, within a budget of `prefill_chunk` tokens per step: a burst of
-            # short prompts starts together, a long one takes the whole budget slice by slice.
-            prefills, budget = [], self.prefill_chunk
-            for r in self.running:
-                if budget and len(r.tokens) - r.computed > 1:
-                    n = min(budget, len(r.tokens) - r.computed)
-                    prefills.append((r, n))
-                    budget -= n
+            prefills = self._prefill_slices()
             segs = [(r.seq, 1) for r in decode] + [(r.seq, n) for r, n in prefills]
             try:
                 plan = self.kv.plan(segs)
@@ -185,6 +180,27 @@ class Scheduler:
             logits = self._run(plan, decode, prefills)
         for req, logits_V in logits.items():
             self._emit(req, logits_V)
+
+    def _prefill_slices(self) -> list[tuple[Request, int]]:
+        """(request, tokens) to prefill this step, at most `prefill_chunk` tokens in all.
+
+        The oldest unfinished prompt is promised half the budget (or all it still needs), so it always
+        progresses; the rest goes to the prompts closest to their first token, fewest tokens left first,
+        so a burst of short prompts gets its first tokens in one step even behind a long prompt."""
+        todo = [r for r in self.running if len(r.tokens) - r.computed > 1]
+        if not todo:
+            return []
+        left = {r: len(r.tokens) - r.computed for r in todo}
+        take = {todo[0]: min(left[todo[0]], max(1, self.prefill_chunk // 2))}
+        budget = self.prefill_chunk - take[todo[0]]
+        for r in sorted(todo, key=lambda r: left[r]):
+            if not budget:
+                break
+            n = min(budget, left[r] - take.get(r, 0))
+            if n:
+                take[r] = take.get(r, 0) + n
+                budget -= n
+        return [(r, take[r]) for r in todo if r in take]  # admission order, so the step is reproducible
 
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_running:

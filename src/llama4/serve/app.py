@@ -143,7 +143,8 @@ def create_app(engine: Engine, tokenizer, cfg: ServeConfig) -> FastAPI:
         return GenRequest(prompt, mt, params, seed, stop_ids, tuple(body.stop or ()), n_logprobs, **kw)
 
     async def run(request: Request, gens: list[GenRequest], states: list[ChoiceText]):
-        """Submit every choice; yields (index, released text) as events arrive; cancels on exit."""
+        """Submit every choice; then yields lists of (index, released text, event): all the events that
+        have arrived, so a stream that fell behind catches up in one write. Cancels on exit."""
         admit(len(gens))
         out: asyncio.Queue = asyncio.Queue()
         submitted = []
@@ -155,11 +156,15 @@ def create_app(engine: Engine, tokenizer, cfg: ServeConfig) -> FastAPI:
                     raise APIError(400, str(e), code="context_length_exceeded" if "window" in str(e) else None)
             yield None  # submitted: the caller may now commit to a status code
             while not all(s.done for s in states):
-                i, ev = await out.get()
-                text = states[i].push(ev)
-                if ev.finish_reason is not None:
-                    metrics.finished(gens[i])
-                yield i, text, ev
+                got = [await out.get()]
+                while not out.empty():
+                    got.append(out.get_nowait())
+                batch = []
+                for i, ev in got:
+                    batch.append((i, states[i].push(ev), ev))
+                    if ev.finish_reason is not None:
+                        metrics.finished(gens[i])
+                yield batch
         finally:
             for g in submitted:
                 if g.finish_reason is None:
@@ -261,9 +266,17 @@ def create_app(engine: Engine, tokenizer, cfg: ServeConfig) -> FastAPI:
                 yield sse({**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                  "logprobs": None, "finish_reason": None}]})
             lp_sent = [0] * len(gens)
-            async for i, text, ev in gen:
-                st = states[i]
-                if use_tools and not st.done:
+            async for batch in gen:
+                if data := "".join(chat_chunks(batch, chunk, lp_sent)):
+                    yield data
+            if include_usage:
+                yield sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(gens, body.n)})
+            yield "data: [DONE]\n\n"
+
+        def chat_chunks(batch, chunk: dict, lp_sent: list[int]):
+            for i, text, ev in batch:  # `states` already hold the whole batch: ask the event if it ends
+                st, done = states[i], ev.finish_reason is not None
+                if use_tools and not done:
                     continue  # tool calls are parsed from the whole answer
                 delta = {}
                 if use_tools:
@@ -280,15 +293,12 @@ def create_app(engine: Engine, tokenizer, cfg: ServeConfig) -> FastAPI:
                 if delta or lp:
                     yield sse({**chunk, "choices": [{"index": i, "delta": delta or {"content": ""}, "logprobs": lp,
                                                      "finish_reason": None}]})
-                if st.done:
+                if done:
                     if st.finish_reason == "error":
                         yield sse(APIError(500, st.error or "engine error", "server_error").body())
                     reason = message(st)[1] if use_tools else _reason(st)
                     yield sse({**chunk, "choices": [{"index": i, "delta": {}, "logprobs": None,
                                                      "finish_reason": reason}]})
-            if include_usage:
-                yield sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(gens, body.n)})
-            yield "data: [DONE]\n\n"
 
         return StreamingResponse(_closing(events(), gen), media_type="text/event-stream")
 
@@ -335,19 +345,24 @@ def create_app(engine: Engine, tokenizer, cfg: ServeConfig) -> FastAPI:
                 for i in range(len(gens)):
                     yield sse({**head, **extra, "choices": [{"index": i, "text": texts[i], "logprobs": None,
                                                              "finish_reason": None}]})
-            async for i, text, ev in gen:
+            async for batch in gen:
+                if data := "".join(completion_chunks(batch, extra)):
+                    yield data
+            if include_usage:
+                yield sse({**head, "choices": [], "usage": _usage(gens, body.n)})
+            yield "data: [DONE]\n\n"
+
+        def completion_chunks(batch, extra: dict):
+            for i, text, ev in batch:
                 st = states[i]
                 if text:
                     yield sse({**head, **extra, "choices": [{"index": i, "text": text, "logprobs": None,
                                                              "finish_reason": None}]})
-                if st.done:
+                if ev.finish_reason is not None:
                     if st.finish_reason == "error":
                         yield sse(APIError(500, st.error or "engine error", "server_error").body())
                     yield sse({**head, **extra, "choices": [{"index": i, "text": "", "finish_reason": _reason(st),
                                                              "logprobs": logprobs_of(i, st)}]})
-            if include_usage:
-                yield sse({**head, "choices": [], "usage": _usage(gens, body.n)})
-            yield "data: [DONE]\n\n"
 
         return StreamingResponse(_closing(events(), gen), media_type="text/event-stream")
 

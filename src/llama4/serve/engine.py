@@ -2,8 +2,9 @@
 
 The model runs on one background thread, stepping the scheduler whenever it has work (torch releases
 the GIL inside its kernels, so the event loop keeps serving sockets meanwhile). Handlers submit
-requests and read their tokens from an `asyncio.Queue`; the engine thread hands events over with
-`call_soon_threadsafe`, so the scheduler never touches asyncio objects.
+requests and read their tokens from an `asyncio.Queue`; the engine thread collects a step's events and
+hands them over in one `call_soon_threadsafe` per step (one wake-up of the event loop, not one per
+token), so the scheduler never touches asyncio objects.
 
 New requests go through a thread-safe inbox that the engine drains before each step; a cancelled
 request is only flagged, and the scheduler frees its blocks at the start of the next step.
@@ -35,6 +36,7 @@ class Engine:
         self.error: str | None = None
         self.token_times: collections.deque[float] = collections.deque(maxlen=100_000)
         self.step_lock = threading.Lock()  # held while stepping: stats read from other threads stay whole
+        self.outbox: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue, object, TokenEvent]] = []  # engine thread
 
     # Lifecycle --------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -61,8 +63,23 @@ class Engine:
                 self.error = f"{type(e).__name__}: {e}"
                 with self.step_lock:
                     s.cancel_all("error", self.error)
+            self._flush()
         with self.step_lock:
             s.cancel_all()
+        self._flush()
+
+    def _flush(self) -> None:
+        """Hand the events of the last step to their event loops, one call per loop."""
+        if not self.outbox:
+            return
+        batch, self.outbox = self.outbox, []
+        loops = {id(loop): loop for loop, *_ in batch}
+        for key, loop in loops.items():
+            items = [b[1:] for b in batch if id(b[0]) == key]
+            try:
+                loop.call_soon_threadsafe(self._deliver, items)
+            except RuntimeError:  # that loop has closed (its server is gone): nobody is listening
+                pass
 
     async def shutdown(self, grace: float) -> None:
         """Refuse new requests, let running ones finish for up to `grace` seconds, cancel the rest."""
@@ -86,7 +103,7 @@ class Engine:
         def on_event(ev: TokenEvent) -> None:  # engine thread
             if ev.token is not None:
                 self.token_times.append(time.monotonic())
-            loop.call_soon_threadsafe(self._deliver, out, tag, ev)
+            self.outbox.append((loop, out, tag, ev))
 
         req.on_event = on_event
         s.prepare(req)
@@ -95,10 +112,11 @@ class Engine:
         self.wake.set()
         return req
 
-    def _deliver(self, out: asyncio.Queue, tag: object, ev: TokenEvent) -> None:
-        if ev.finish_reason is not None:
-            self.in_flight -= 1
-        out.put_nowait((tag, ev))
+    def _deliver(self, items: list[tuple[asyncio.Queue, object, TokenEvent]]) -> None:
+        for out, tag, ev in items:
+            if ev.finish_reason is not None:
+                self.in_flight -= 1
+            out.put_nowait((tag, ev))
 
     def cancel(self, req: Request) -> None:
         req.cancelled = True
