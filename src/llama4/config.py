@@ -383,6 +383,8 @@ def config_from_hf(d: dict, where: str = "config.json") -> Llama4Config:
     one warning that lists them, unless they would change the computation (then ValueError)."""
     if not isinstance(d, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(d).__name__}")
+    # llama4's record that the weights route with expert_bias.json (checkpoint/hf.py), not a model field.
+    d = {k: v for k, v in d.items() if k != "llama4_routing_bias"}
     model_type = d.get("model_type")
     archs = d.get("architectures") or []
     unknown: list[str] = []

@@ -221,3 +221,13 @@ def test_convert_flags_that_do_not_apply(tmp_path, capsys):
     assert "--model-parallel applies to --to meta only" in capsys.readouterr().err
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "o"), "--to", "meta", "--outtype", "q8_0"]) == 2
     assert "--outtype applies to --to gguf only" in capsys.readouterr().err
+
+
+def test_convert_refuses_a_quantized_checkpoint(tmp_path, capsys):
+    llama4.save(llama4.Llama4(small_text()).init_weights(seed=0), tmp_path / "hf")
+    assert main(["quantize", "--scheme", "int8", str(tmp_path / "hf"), str(tmp_path / "q")]) == 0
+    capsys.readouterr()
+    for to, out in (("gguf", "x.gguf"), ("meta", "m"), ("hf", "h")):
+        assert main(["convert", str(tmp_path / "q"), str(tmp_path / out), "--to", to]) == 2
+        assert "a quantized checkpoint (it loads as QuantExperts" in capsys.readouterr().err
+        assert not (tmp_path / out).exists()

@@ -51,16 +51,15 @@ def test_loss_falls_on_real_text_and_checkpoint_is_hf(tok, tmp_path):
     assert (out / "loss.png").stat().st_size > 0 and (out / "expert_load.png").stat().st_size > 0
     ckpt = latest_checkpoint(out)
     assert ckpt.name == "step_0000012" and (ckpt / "tokenizer.json").is_file()
-    model = llama4.load(ckpt)  # with the routing biases the run trained
-    saved = json.loads((ckpt / "expert_bias.json").read_text())
-    assert model.layers[1].feed_forward.expert_bias.tolist() == saved["layers.1.feed_forward.expert_bias"]
-    assert model.layers[1].feed_forward.expert_bias.abs().sum() > 0
+    model = llama4.load(ckpt)
+    # Portable by default (aux-loss balancing, no routing bias): transformers computes the trained model.
+    assert "llama4_routing_bias" not in json.loads((ckpt / "config.json").read_text())
+    assert not any(layer.feed_forward.expert_bias.any() for layer in model.layers if hasattr(layer.feed_forward,
+                                                                                            "expert_bias"))
+    assert rows[-1]["aux_loss"] is not None
     from transformers import Llama4ForCausalLM
 
-    # transformers reads the weights (and ignores the state, biases and tokenizer files); it has no
-    # expert bias, so compare with ours routing without it.
     hf = Llama4ForCausalLM.from_pretrained(ckpt)
-    model.reset_buffers()
     ids = torch.randint(0, 300, (1, 16))
     with torch.no_grad():
         torch.testing.assert_close(hf(input_ids=ids).logits, model(ids), rtol=1e-4, atol=1e-4)
@@ -129,7 +128,7 @@ def test_never_saves_a_broken_model(tok, tmp_path):
 def test_expert_bias_lowers_imbalance(tok, tmp_path):
     def mean_imbalance(rate, name):
         cfg = text_config(tok, tmp_path / name, train={"steps": 20}, optim={"lr": 3e-4},
-                          moe={"bias_update_rate": rate}, data={"seq_len": 32})
+                          moe={"bias_update_rate": rate, "aux_loss_coef": 0.0}, data={"seq_len": 32})
         rows = [json.loads(x) for x in (run(cfg) / "metrics.jsonl").read_text().splitlines()]
         return sum(r["imbalance"] for r in rows[-6:]) / 6  # busiest expert / mean, 1.0 = even
 
@@ -141,7 +140,8 @@ def test_expert_bias_lowers_imbalance(tok, tmp_path):
 def test_lora_fine_tune_trains_adapters_only(tok, tmp_path):
     # batch 3: with 4, the two +-rate bias updates cancelled exactly on this corpus (the files it is read from
     # changed); the biases must be non-zero for the check below to mean anything.
-    base = run(text_config(tok, tmp_path / "base", train={"steps": 2}, data={"batch_size": 3}))
+    base = run(text_config(tok, tmp_path / "base", train={"steps": 2}, data={"batch_size": 3},
+                           moe={"bias_update_rate": 1e-3}))
     ckpt = latest_checkpoint(base)
     qa = tmp_path / "qa.jsonl"
     qa.write_text(json.dumps({"messages": [{"role": "user", "content": "What is the capital of France?"},

@@ -27,6 +27,12 @@ from .side_files import TOKENIZER_FILES, read_side_files, side_files
 from .safetensors_io import INDEX, TORCH_DTYPES, detect_layout, dtype_of, read_into, weight_files, write_safetensors
 
 BIAS_FILE = "expert_bias.json"
+# The config.json entry a save with a routing bias writes, so that no reader can miss it.
+BIAS_KEY = "llama4_routing_bias"
+BIAS_WARNING = ("THIS MODEL IS NOT PORTABLE: it chooses experts with a learned per-expert routing bias, stored in "
+                "expert_bias.json, which transformers, vLLM, llama.cpp and other frameworks do not read. They "
+                "compute a DIFFERENT model from these weights; only llama4 computes the trained one. Train with "
+                "aux-loss balancing (moe.bias_update_rate = 0) for portable weights.")
 
 log = logging.getLogger("llama4")
 # MoE routing-bias buffers: in our state_dict, in no HF key (written to expert_bias.json instead).
@@ -134,6 +140,9 @@ def load(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: s
     bias = snap.file(BIAS_FILE)
     if bias is not None:
         apply_expert_bias(model, read_expert_bias(bias), bias)
+    elif BIAS_KEY in json.loads(config.read_text()):
+        raise FileNotFoundError(f"{root}: config.json records a routing bias ({BIAS_KEY}) but {BIAS_FILE} is "
+                                f"missing; without it the model routes differently from the one trained")
     model.side_info = read_side_files(root)  # tokenizer, generation and media settings (side_files.py)
     return model.eval()
 
@@ -218,13 +227,22 @@ def checkpoint_files(model: Llama4, *, max_shard_size: int | str = "5GB",
             weight_map.update({k: name for k in shard})
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         files[INDEX] = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2).encode()
-    files["config.json"] = (json.dumps(config_to_hf(model.config, config_spelling), indent=2) + "\n").encode()
-    biases = {f"layers.{i}.feed_forward.expert_bias": layer.feed_forward.expert_bias.tolist()
-              for i, layer in enumerate(model.layers) if isinstance(layer.feed_forward, MoE)
-              and layer.feed_forward.expert_bias.any()}
-    if biases:  # routing state from loss-free balancing; `load` applies it
+    hf_config = config_to_hf(model.config, config_spelling)
+    biases = routing_biases(model)
+    if biases:  # routing state from loss-free balancing; `load` applies it, no other framework does
         files[BIAS_FILE] = json.dumps(biases).encode()
+        hf_config = {BIAS_KEY: {"warning": BIAS_WARNING, "file": BIAS_FILE,
+                                "layers": [int(k.split(".")[1]) for k in biases]}, **hf_config}
+        log.warning("WARNING: saving a model with a routing bias in %d layer(s). %s", len(biases), BIAS_WARNING)
+    files["config.json"] = (json.dumps(hf_config, indent=2) + "\n").encode()
     return files
+
+
+def routing_biases(model: Llama4) -> dict[str, list[float]]:
+    """The non-zero routing biases, as expert_bias.json holds them (empty: the weights are portable)."""
+    return {f"layers.{i}.feed_forward.expert_bias": layer.feed_forward.expert_bias.tolist()
+            for i, layer in enumerate(model.layers) if isinstance(layer.feed_forward, MoE)
+            and layer.feed_forward.expert_bias.any()}
 
 
 def save(model: Llama4, path: str | os.PathLike, *, max_shard_size: int | str = "5GB",

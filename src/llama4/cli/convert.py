@@ -19,6 +19,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from ..checkpoint import load, save
     from ..checkpoint.gguf import export_gguf
     from ..checkpoint.meta_save import save_meta
+    from ..model.quant import QuantExperts, QuantLinear
     from ..text.tokenizer import Tokenizer
 
     apply_threads(args)
@@ -28,6 +29,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise ValueError(f"--outtype applies to --to gguf only (got --to {args.to}); use --dtype for hf / meta")
     dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     model = load(args.input, dtype=dtype)
+    quantized = sorted({type(m).__name__ for m in model.modules() if isinstance(m, (QuantExperts, QuantLinear))})
+    if quantized:
+        raise ValueError(f"{args.input}: a quantized checkpoint (it loads as {', '.join(quantized)}); convert writes "
+                         f"float weights only. Convert the bf16/fp32 checkpoint instead (for a quantized GGUF, "
+                         f"--to gguf --outtype q8_0)")
     tokenizer = Tokenizer(args.tokenizer) if args.tokenizer else None
     if args.to == "hf":
         out = save(model, args.output, tokenizer=tokenizer)

@@ -60,6 +60,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"vision           ViT {v.num_hidden_layers} layers, D={v.hidden_size}, {v.image_size}px tiles, "
               f"patch {v.patch_size}, {v.tokens_per_tile} tokens/tile")
     print(f"parameters       total {counts['total']:,}  active {counts['active']:,}")
+    print_routing_bias(Path(args.model))
     print_quantized_memory(cfg)
     per = kv_bytes_per_token(cfg, args.kv_bytes)
     print(f"kv-cache/token   local layers {bytes_human(per['local'])}, global layers {bytes_human(per['global'])} "
@@ -71,6 +72,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"kv-cache @{ctx:>11,}  local {bytes_human(kv['local']):>11}  global {bytes_human(kv['global']):>11}  "
               f"total {bytes_human(kv['total']):>11}  (naive {bytes_human(naive)})")
     return 0
+
+
+def print_routing_bias(path: Path) -> None:
+    """The warning a save with a routing bias records in config.json (checkpoint/hf.py: BIAS_KEY)."""
+    import json
+
+    from ..checkpoint.hf import BIAS_KEY
+
+    f = path / "config.json" if path.is_dir() else path
+    if f.is_file() and f.suffix == ".json":
+        entry = json.loads(f.read_text()).get(BIAS_KEY)
+        if isinstance(entry, dict):
+            print(f"routing bias     layers {entry.get('layers')} ({entry.get('file')}): {entry.get('warning')}")
 
 
 def print_quantized_memory(cfg) -> None:

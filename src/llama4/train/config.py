@@ -78,8 +78,11 @@ class CheckpointSection:
 
 @dataclass
 class MoESection:
-    bias_update_rate: float = 1e-3  # loss-free balancing step; 0 = off
-    aux_loss_coef: float = 0.0  # load-balancing auxiliary loss weight; 0 = off
+    # Portable by default: the auxiliary loss balances through the weights alone, which every framework
+    # reads. A loss-free routing bias (bias_update_rate > 0) lives in expert_bias.json, which transformers,
+    # vLLM and llama.cpp ignore: they would compute a different model (docs/checkpoints.md, figures).
+    bias_update_rate: float = 0.0  # loss-free balancing step (DeepSeek-V3); 0 = off
+    aux_loss_coef: float = 1e-2  # load-balancing auxiliary loss weight; 0 = off
 
 
 @dataclass
