@@ -89,3 +89,39 @@ def test_exported_q8_0_runs_in_llamacpp(llama_simple, trained_tokenizer, tmp_pat
     export_gguf(model, tmp_path / "q.gguf", outtype="q8_0", tokenizer=trained_tokenizer)
     got = run_llama_simple(llama_simple, tmp_path / "q.gguf", "The quick brown fox", 8)
     assert got.startswith(b"<|begin_of_text|>The quick brown fox") and len(got) > len(b"<|begin_of_text|>The quick brown fox")
+
+
+@pytest.mark.parametrize("outtype", ["f32", "bf16", "q8_0"])
+def test_same_file_as_llamacpps_own_converter(outtype, trained_tokenizer, tmp_path):
+    """llama.cpp's convert_hf_to_gguf.py on our HF save (its pre-tokenizer check told ours is Llama 4's,
+    as the export does) writes the same tensors, bytes and metadata as `convert --to gguf`."""
+    import sys
+
+    import gguf
+    import numpy as np
+
+    if not (LLAMACPP / "convert_hf_to_gguf.py").is_file():
+        pytest.skip(f"no llama.cpp sources at {LLAMACPP}")
+    model = tiny_for_gguf(trained_tokenizer, seed=1)
+    llama4.save(model, tmp_path / "hf", tokenizer=trained_tokenizer)
+    theirs, ours = tmp_path / "theirs.gguf", tmp_path / "ours.gguf"
+    convert = (f"import sys; sys.path[:0] = [{str(LLAMACPP)!r}, {str(LLAMACPP / 'gguf-py')!r}]\n"
+               "import conversion.base as base\n"
+               "base.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'llama4'\n"
+               "import convert_hf_to_gguf\n"
+               "sys.argv = ['convert_hf_to_gguf.py', *sys.argv[1:]]\n"
+               "convert_hf_to_gguf.main()\n")
+    r = subprocess.run([sys.executable, "-c", convert, str(tmp_path / "hf"), "--outtype", outtype, "--outfile",
+                        str(theirs)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert main(["convert", str(tmp_path / "hf"), str(ours), "--to", "gguf", "--outtype", outtype]) == 0
+    a, b = gguf.GGUFReader(str(theirs)), gguf.GGUFReader(str(ours))
+    naming = {"general.name", "general.size_label", "GGUF.kv_count"}  # its directory name / size estimate
+    fa = {k: f.contents() for k, f in a.fields.items() if k not in naming}
+    fb = {k: f.contents() for k, f in b.fields.items() if k not in naming}
+    assert fa == fb, sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
+    ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
+    assert ta.keys() == tb.keys()
+    for name, t in ta.items():
+        assert (t.tensor_type, list(t.shape)) == (tb[name].tensor_type, list(tb[name].shape)), name
+        assert np.array_equal(t.data, tb[name].data), name
