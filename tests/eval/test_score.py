@@ -93,6 +93,15 @@ def test_rolling_windows_at_absolute_positions(model):
         s = e
     r = sc.score_rolling(model, doc, window=window, stride=stride, logit_chunk=5)
     assert r.n_tokens == 49 and r.logprob == pytest.approx(want, abs=1e-4)
+    # relative=True: every window at positions 0.. (lm-eval's hf backend)
+    want_rel, s = 0.0, 1
+    while s < len(doc):
+        e = min(s + stride, len(doc))
+        a = max(0, e - 1 - window)
+        want_rel += float(full_logprobs(model, doc[a:e - 1])[s - 1 - a:].gather(1, torch.tensor(doc[s:e])[:, None]).sum())
+        s = e
+    rel = sc.score_rolling(model, doc, window=window, stride=stride, relative=True)
+    assert rel.logprob == pytest.approx(want_rel, abs=1e-4) and abs(rel.logprob - want) > 1e-3
     # at position 0 instead, the chunked layers' boundaries move: a different (wrong) figure
     shifted = full_logprobs(model, doc[33:49])[-6:].gather(1, torch.tensor(doc[44:50])[:, None]).sum()
     at_pos = full_logprobs(model, doc[33:49], start_pos=33)[-6:].gather(1, torch.tensor(doc[44:50])[:, None]).sum()
@@ -107,7 +116,7 @@ def test_bad_input(model):
     with pytest.raises(ValueError, match="equally long"):
         sc.score(model, [[3], [4]], [[5]])
     with pytest.raises(ValueError, match="max_position_embeddings"):
-        sc.score(model, [3] * 4090, [4] * 10)
+        sc.score(model, [3] * 4090, [4] * 8)
     with pytest.raises(ValueError, match="stride=9 is larger than window=8"):
         sc.score_rolling(model, [3, 4, 5], window=8, stride=9)
     with pytest.raises(ValueError, match="batch_tokens=0"):

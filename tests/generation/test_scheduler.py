@@ -125,3 +125,17 @@ def test_short_prompts_get_first_token_behind_a_long_prompt(model):
     while s.has_work():
         s.step()
     assert [r.generated for r in reqs] == ref
+
+
+def test_repetition_penalty_equals_generate(model):
+    """Greedy and seeded sampling with a repetition penalty (which changes the argmax) equal generate,
+    next to plain greedy requests that share the steps."""
+    prompt = _ids(12, seed=5)
+    kinds = [dict(temperature=0.0), dict(temperature=0.8, top_p=0.95)]
+    refs = [llama4.generate(model, prompt, max_new_tokens=24, stop_ids=[], repetition_penalty=1.8, seed=3, **k)
+            for k in kinds]
+    assert refs[0] != llama4.generate(model, prompt, max_new_tokens=24, stop_ids=[])
+    reqs = [Request(prompt, 24, SamplingParams(repetition_penalty=1.8, **k), seed=3) for k in kinds]
+    s = _sched(model, prefill_chunk=8)
+    out = s.run([Request(_ids(9, seed=6), 24), *reqs, Request(_ids(30, seed=7), 24)])
+    assert out[1:3] == refs

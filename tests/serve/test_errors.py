@@ -77,6 +77,7 @@ def test_api_key(server, key):
     (_chat(messages=[{"role": "wizard", "content": "x"}]), 400, "messages", None, "unknown role"),
     (_chat(model="gpt-4"), 404, "model", "model_not_found", None),
     (_chat(max_tokens=10 ** 6), 400, None, "context_length_exceeded", "context window"),
+    (_chat(messages=[{"role": "user", "content": "a " * 9000}]), 400, None, "context_length_exceeded", None),
     (_chat(messages=[{"role": "user", "content": "word " * 6000}]), 413, None, None, None),
     (_chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x.org/a.png"}}]}]),
      400, "messages.0.content.0.image_url", "url_not_allowed", "network URLs"),
@@ -86,7 +87,7 @@ def test_api_key(server, key):
                                                    "image_url": {"url": "data:image/png;base64,AAAA"}}]}]), 400,
      "messages", None, None),
 ], ids=["unknown_field", "temperature", "top_p", "max_tokens", "n", "stop", "presence_penalty", "missing_messages",
-        "bad_role", "model", "window", "body_size", "network_url", "file_outside", "bad_image"])
+        "bad_role", "model", "window", "long_prompt", "body_size", "network_url", "file_outside", "bad_image"])
 def test_bad_chat_requests(server, body, status, param, code, match):
     _check(_post(server, body), status, param, code, match)
 

@@ -90,6 +90,31 @@ def test_completions_strings_ids_echo_logprobs(server, model, tok, stops):
     assert lp.token_logprobs[1:len(ids)] == pytest.approx(want.tolist(), abs=1e-4)
     two = client.completions.create(model="tiny", prompt=[ids, ids[:3]], max_tokens=5, temperature=0)
     assert [c.index for c in two.choices] == [0, 1] and two.choices[0].text == _ref_text(tok, ref[:5], stops)
+    # Token for token: the completion's logprob tokens are generate's tokens.
+    r3 = client.completions.create(model="tiny", prompt=ids, max_tokens=12, temperature=0, logprobs=0)
+    assert r3.choices[0].logprobs.tokens == [tok.decode([t]) for t in ref if t not in stops]
+    assert (r3.usage.prompt_tokens, r3.usage.completion_tokens) == (len(ids), len(ref))
+    # Streaming completions give the same text, and the usage at the end.
+    chunks = list(client.completions.create(model="tiny", prompt="The shape is", max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == r.choices[0].text
+    assert chunks[-1].usage.completion_tokens == len(ref)
+
+
+def test_streamed_n_choices_equal_unstreamed(server):
+    """n=2 streamed: both choices' tokens share the engine's steps (and often one SSE write); each
+    choice's text equals the unstreamed answer's and ends with exactly one finish_reason."""
+    client = server.client()
+    kw = dict(model="tiny", messages=_chat(6), temperature=1.0, max_tokens=20, seed=11, n=2)
+    whole = client.chat.completions.create(**kw)
+    texts, reasons = ["", ""], [[], []]
+    for c in client.chat.completions.create(stream=True, **kw):
+        for ch in c.choices:
+            texts[ch.index] += ch.delta.content or ""
+            if ch.finish_reason is not None:
+                reasons[ch.index].append(ch.finish_reason)
+    assert texts == [c.message.content for c in whole.choices]
+    assert reasons == [[c.finish_reason] for c in whole.choices]
 
 
 def test_sixteen_concurrent_streams_get_their_own_outputs(server, model, tok, stops):
@@ -133,6 +158,22 @@ def test_disconnect_cancels_and_frees_blocks(server):
     while (engine.scheduler.running or engine.scheduler.kv.used_blocks()) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not engine.scheduler.running and engine.scheduler.kv.used_blocks() == 0
+
+
+def test_openai_client_closing_a_stream_frees_blocks(server):
+    engine = server.engine
+    stream = server.client().chat.completions.create(model="tiny", messages=_chat(4), max_tokens=2000,
+                                                     temperature=0, stream=True, extra_body={"ignore_eos": True})
+    it = iter(stream)
+    for _ in range(5):
+        next(it)
+    assert engine.scheduler.running
+    stream.close()  # the client goes away mid-stream
+    deadline = time.monotonic() + 10
+    while (engine.scheduler.running or engine.scheduler.kv.used_blocks()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not engine.scheduler.running and engine.scheduler.kv.used_blocks() == 0
+    assert engine.in_flight == 0
 
 
 def test_shared_system_prompt_hits_prefix_cache(server, model, tok, stops):

@@ -14,10 +14,11 @@ from pathlib import Path
 
 from ..eval.synth_qa import evaluate, heldout_synthetic
 from .common import add_threads, load_model_and_tokenizer
+from .eval_harness import add_eval_lm_eval
 from .eval_ppl import add_eval_ppl
 
 # Each entry adds one `llama4 eval <task>` sub-task to the subparsers it is given; features append theirs here.
-_EVAL_TASKS = [add_eval_ppl]
+_EVAL_TASKS = [add_eval_ppl, add_eval_lm_eval]
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

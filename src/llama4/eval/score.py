@@ -93,9 +93,10 @@ def score(model, context_ids, continuation_ids, *, batch_tokens: int = DEFAULT_B
     for i, (ctx, cont) in enumerate(zip(contexts, continuations)):
         ctx = _ids(ctx, cfg.vocab_size, f"context {i}")
         cont = _ids(cont, cfg.vocab_size, f"continuation {i}")
-        if len(ctx) + len(cont) > cfg.max_position_embeddings:
-            raise ValueError(f"pair {i}: context ({len(ctx)} tokens) + continuation ({len(cont)}) exceeds the model's "
-                             f"max_position_embeddings ({cfg.max_position_embeddings}); truncate the context's left")
+        if len(ctx) + len(cont) - 1 > cfg.max_position_embeddings:  # the last token is only a target
+            raise ValueError(f"pair {i}: context ({len(ctx)} tokens) + continuation ({len(cont)}) - 1 exceeds the "
+                             f"model's max_position_embeddings ({cfg.max_position_embeddings}); truncate the context's "
+                             f"left")
         pairs.append((ctx, cont))
     groups: dict[tuple[int, ...], list[int]] = {}  # context -> the pairs that continue it
     for i, (ctx, _) in enumerate(pairs):
@@ -206,7 +207,7 @@ def _feed(model, kv: ContiguousKV, jobs: list, step_tokens: int, logit_chunk: in
 
 
 # Rolling log-likelihood --------------------------------------------------------------------------------
-def score_rolling(model, ids, *, window: int | None = None, stride: int | None = None,
+def score_rolling(model, ids, *, window: int | None = None, stride: int | None = None, relative: bool = False,
                   batch_tokens: int = DEFAULT_BATCH_TOKENS, max_seqs: int = DEFAULT_MAX_SEQS,
                   logit_chunk: int = DEFAULT_LOGIT_CHUNK, progress: Progress | None = None
                   ) -> RollingScore | list[RollingScore]:
@@ -218,7 +219,9 @@ def score_rolling(model, ids, *, window: int | None = None, stride: int | None =
       `batch_tokens`; several short documents share a step).
     * `window=N` (`stride=S`, default N, S <= N): blocks of S targets, each scored by one forward over the
       (at most) N tokens ending just before its last target, at their absolute positions; every token
-      then sees at least N - S tokens of context. S = N gives lm-eval's disjoint windows."""
+      then sees at least N - S tokens of context. S = N gives lm-eval's disjoint windows.
+    * `relative=True`: each window runs at positions 0 .. N-1 instead, as lm-eval's `hf` backend and vLLM
+      run them (every position stays within the trained range; chunk boundaries move with the window)."""
     single = _is_ids(ids)
     docs = [ids] if single else ids
     if not single and not isinstance(docs, Sequence):
@@ -233,13 +236,13 @@ def score_rolling(model, ids, *, window: int | None = None, stride: int | None =
     cfg = model.config.text
     docs = [_ids(d, cfg.vocab_size, f"document {i}", allow_empty=True) for i, d in enumerate(docs)]
     for i, d in enumerate(docs):
-        if len(d) > cfg.max_position_embeddings:
+        if len(d) - 1 > cfg.max_position_embeddings and window is None:
             raise ValueError(f"document {i} has {len(d)} tokens, more than the model's max_position_embeddings "
-                             f"({cfg.max_position_embeddings})")
+                             f"({cfg.max_position_embeddings}) + 1; score it with a window")
     if window is None:
         out = _rolling_cached(model, docs, batch_tokens, max_seqs, logit_chunk, progress)
     else:
-        out = [_rolling_windows(model, d, window, stride, logit_chunk, progress) for d in docs]
+        out = [_rolling_windows(model, d, window, stride, relative, logit_chunk, progress) for d in docs]
     return out[0] if single else out
 
 
@@ -263,14 +266,15 @@ def _rolling_cached(model, docs, batch_tokens, max_seqs, logit_chunk, progress) 
 
 
 @torch.inference_mode()
-def _rolling_windows(model, doc: list[int], window: int, stride: int, logit_chunk: int, progress) -> RollingScore:
+def _rolling_windows(model, doc: list[int], window: int, stride: int, relative: bool, logit_chunk: int,
+                     progress) -> RollingScore:
     device = model.output.weight.device
     total, s = 0.0, 1  # targets [s, e) of doc, predicted from inputs doc[a:e-1]
     while s < len(doc):
         e = min(s + stride, len(doc))
         a = max(0, e - 1 - window)
         ids_1T = torch.tensor([doc[a:e - 1]], device=device)
-        h_TD = model(ids_1T, start_pos=a, return_hidden=True)[0]
+        h_TD = model(ids_1T, start_pos=0 if relative else a, return_hidden=True)[0]
         lp, _ = token_logprobs(model.output, h_TD[s - 1 - a:], torch.tensor(doc[s:e], device=device), logit_chunk)
         total += float(lp.double().sum())
         if progress is not None:

@@ -178,8 +178,13 @@ class Scheduler:
         self.steps += 1
         with torch.inference_mode():
             logits = self._run(plan, decode, prefills)
+        # Plain greedy rows take one argmax together (one call instead of one per request).
+        plain = [r for r in logits if r.params.greedy and r.params.repetition_penalty == 1.0]
+        chosen = {}
+        if plain:
+            chosen = dict(zip(plain, torch.stack([logits[r] for r in plain]).argmax(-1).tolist()))
         for req, logits_V in logits.items():
-            self._emit(req, logits_V)
+            self._emit(req, logits_V, chosen.get(req))
 
     def _prefill_slices(self) -> list[tuple[Request, int]]:
         """(request, tokens) to prefill this step, at most `prefill_chunk` tokens in all.
@@ -274,8 +279,13 @@ class Scheduler:
         nxt = torch.tensor(req.prompt[a + 1:a + 1 + h_TD.shape[0]], device=self.device)
         req.prompt_lp += lp_TV[torch.arange(len(nxt)), nxt].tolist()
 
-    def _emit(self, req: Request, logits_V: torch.Tensor) -> None:
-        tok = int(sample(logits_V[None], req.params, req.generator)[0])
+    def _emit(self, req: Request, logits_V: torch.Tensor, tok: int | None = None) -> None:
+        if tok is None:
+            seen_1V = None
+            if req.params.repetition_penalty != 1.0:  # every token of the context so far, as generate does
+                seen_1V = torch.zeros(1, logits_V.shape[-1], dtype=torch.bool, device=logits_V.device)
+                seen_1V[0, torch.tensor(req.tokens, device=logits_V.device)] = True
+            tok = int(sample(logits_V[None], req.params, req.generator, seen_1V)[0])
         lp = top = None
         if req.logprobs is not None:
             lp_V = torch.log_softmax(logits_V, -1)
