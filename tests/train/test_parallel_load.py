@@ -46,11 +46,23 @@ def _load_worker(ckpt: str, plans: list[dict]) -> list[float]:
     return errs
 
 
-def test_sharded_hf_load_equals_one_process(tmp_path):
-    ckpt = _save_tiny(tmp_path)
-    plans = [{"dp_shard": 2, "ep": 2}, {"tp": 2}, {"dp_shard": 2, "checkpointing": True}]
-    for errs in spawn(_load_worker, 2, str(ckpt), plans):
-        assert max(errs) < 1e-5, dict(zip(map(str, plans), errs))
+LOAD_PLANS = [{"dp_shard": 2, "ep": 2}, {"tp": 2}, {"dp_shard": 2, "checkpointing": True}]
+
+
+def _two_rank_worker(ckpt: str) -> tuple:
+    return _load_worker(ckpt, LOAD_PLANS), _generate_worker(ckpt)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """(checkpoint, each rank's results): the loading and generation checks share one pair of processes."""
+    ckpt = _save_tiny(tmp_path_factory.mktemp("sharded"))
+    return ckpt, spawn(_two_rank_worker, 2, str(ckpt))
+
+
+def test_sharded_hf_load_equals_one_process(two_ranks):
+    for errs, _ in two_ranks[1]:
+        assert max(errs) < 1e-5, dict(zip(map(str, LOAD_PLANS), errs))
 
 
 def _peak_rss() -> int:
@@ -95,3 +107,67 @@ def test_sharded_hf_load_peak_rss_per_rank_near_one_nth(tmp_path, world, plan_kw
     for r in ranks:
         assert r["held"] < full / world * 1.05, (r, full)
         assert r["grew"] < full * (1 / world + 0.1), (r, full, [x["grew"] / full for x in ranks])
+
+
+# Distributed generation --------------------------------------------------------------------------------
+PROMPTS = [[1, 7, 42, 99, 5], [300, 2, 17]]  # ragged: prefilled as a mixed batch
+
+
+def _generate_worker(ckpt: str) -> dict:
+    """Greedy tokens of the model split by TP, then by EP, over the ranks (no FSDP), each loaded with
+    only this rank's slices."""
+    import torch.distributed as dist
+
+    from llama4 import generate_batch
+    from llama4.train.parallel import load_parallel
+
+    out = {}
+    for name, kw in (("tp", {"tp": 2}), ("ep", {"ep": 2})):
+        model = load_parallel(ckpt, dtype=torch.float32, **kw)
+        out[name] = generate_batch(model, PROMPTS, max_new_tokens=12)
+        held = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())
+        out[name + "_held"] = held
+        dist.barrier()
+    return out
+
+
+def test_distributed_greedy_generation_equals_one_process(two_ranks):
+    from llama4 import generate_batch
+
+    ckpt, results = two_ranks
+    whole = load(ckpt, dtype=torch.float32)
+    want = generate_batch(whole, PROMPTS, max_new_tokens=12)
+    n = sum(p.numel() for p in whole.parameters())
+    for _, r in results:
+        assert r["tp"] == want and r["ep"] == want, (r, want)
+        assert r["tp_held"] < n and r["ep_held"] < n  # each rank holds only part of the model
+
+
+@pytest.mark.slow
+def test_torchrun_generate_tp_and_ep_equal_one_process(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import llama4
+    from llama4.text.bpe import train_tokenizer
+
+    (tmp_path / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    tok = llama4.Tokenizer(train_tokenizer([tmp_path / "corpus.txt"], 300, tmp_path / "tok"))
+    cfg = preset("tiny").replace(num_hidden_layers=2, vocab_size=tok.vocab_size)
+    cfg.vision = None
+    ckpt = save(Llama4(cfg).init_weights(seed=0), tmp_path / "hf", tokenizer=tok)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(llama4.__file__).parents[1])}
+    args = ["-m", "llama4", "generate", "--model", str(ckpt), "--prompt", "the quick brown", "--max-new-tokens",
+            "16", "--temperature", "0", "--dtype", "fp32"]
+
+    def run(*cmd):
+        p = subprocess.run([sys.executable, *cmd], env=env, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+        return p.stdout
+
+    want = run(*args)
+    assert want.strip()
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    assert run(*torchrun, *args, "--tp", "2") == want
+    assert run(*torchrun, *args, "--ep", "2") == want

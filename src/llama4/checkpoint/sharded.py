@@ -69,13 +69,17 @@ def read_region(file: Path, info: dict, data_start: int, fd: int, out: torch.Ten
 
 
 def load_sharded(path: str | os.PathLike, shard: Callable[[Llama4], object], *,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Llama4:
+                 dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Llama4:
     """Load the HF checkpoint at `path` into a model that `shard` lays out across ranks, reading on
-    each rank only that rank's slices. Every rank calls this with the same `shard`."""
+    each rank only that rank's slices. Every rank calls this with the same `shard`. `dtype` defaults to
+    the checkpoint's."""
     root = Path(path)
     if not (root / "config.json").is_file():
         raise FileNotFoundError(f"{root}: no config.json; sharded loading reads HF safetensors checkpoints")
     snap, cfg, model, plan, headers = check_weights(root)
+    if dtype is None:
+        ours, hf_key, file = plan[0]
+        dtype = TORCH_DTYPES[headers[file][hf_key]["dtype"]]
     model = model.to(dtype=dtype)
     if cfg.text.tie_word_embeddings:
         model.output.weight = model.tok_embeddings.weight
