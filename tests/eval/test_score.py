@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import llama4
 from llama4.eval import score as sc
@@ -15,7 +16,7 @@ from conftest import small_text
 @pytest.fixture(scope="module")
 def model(one_thread):
     # chunk 8: contexts and windows cross several local-attention chunk boundaries
-    return llama4.Llama4(small_text(attention_chunk_size=8, vocab_size=96)).init_weights(std=0.08, seed=1).eval()
+    return llama4.Llama4(small_text(attention_chunk_size=8, vocab_size=160)).init_weights(std=0.08, seed=1).eval()
 
 
 def full_logprobs(model, ids, start_pos=0):
@@ -121,3 +122,29 @@ def test_bad_input(model):
         sc.score_rolling(model, [3, 4, 5], window=8, stride=9)
     with pytest.raises(ValueError, match="batch_tokens=0"):
         sc.score_rolling(model, [3, 4, 5], batch_tokens=0)
+
+
+class WidestLogits(TorchDispatchMode):
+    """Records the most rows of any op output that is a [..., V] tensor (V = the vocabulary)."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab, self.rows = vocab, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.ndim and t.shape[-1] == self.vocab:
+                self.rows = max(self.rows, t.numel() // self.vocab)
+        return out
+
+
+def test_never_builds_tokens_by_vocab(model):
+    doc = torch.randint(3, 96, (400,), generator=torch.Generator().manual_seed(4)).tolist()
+    for kw in ({}, dict(window=64, stride=32)):
+        with WidestLogits(160) as probe:
+            sc.score_rolling(model, doc, logit_chunk=16, batch_tokens=64, **kw)
+        assert 0 < probe.rows <= 16, kw
+    with WidestLogits(160) as probe:
+        sc.score(model, [doc[:200]] * 3, [doc[200:300], doc[200:260], doc[300:400]], logit_chunk=16, batch_tokens=64)
+    assert 0 < probe.rows <= 16

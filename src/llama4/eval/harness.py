@@ -57,8 +57,11 @@ class Llama4LM(TemplateLM):
             root = Path(pretrained)
             if not root.is_dir():
                 raise FileNotFoundError(f"pretrained={pretrained}: no such checkpoint directory")
-            model = load(root, dtype={"auto": None, "fp32": torch.float32, "float32": torch.float32,
-                                      "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}[dtype]).eval()
+            dtypes = {"auto": None, "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+                      "bfloat16": torch.bfloat16}
+            if dtype not in dtypes:
+                raise ValueError(f"dtype={dtype!r}: expected one of {sorted(dtypes)}")
+            model = load(root, dtype=dtypes[dtype]).eval()
             if tokenizer is None:
                 tok_path = next((root / n for n in ("tokenizer.json", "tokenizer.model") if (root / n).is_file()), None)
                 tokenizer = Tokenizer(tok_path)
@@ -69,7 +72,9 @@ class Llama4LM(TemplateLM):
         self._max_length = int(max_length or model.config.text.max_position_embeddings)
         self._max_gen_toks = int(max_gen_toks)
         self.batch_tokens = int(batch_tokens)
-        self.gen_batch = 16 if batch_size == "auto" else max(1, int(batch_size))
+        # lm-eval's batch_size ("auto", "auto:N" or a count) sets the prompts per generation batch; scoring
+        # batches by tokens (batch_tokens) instead
+        self.gen_batch = 16 if str(batch_size).startswith("auto") else max(1, int(batch_size))
         self.seed = seed
         self.custom_prefix_token_id = prefix_token_id
         info = getattr(model, "side_info", None)
