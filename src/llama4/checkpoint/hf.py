@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import config_to_hf, load_config
+from ..config import Llama4Config, config_to_hf, load_config
 from ..model import Llama4
 from ..model.moe import MoE
 from ..model.quantize import quantize_model
@@ -69,6 +69,40 @@ def load(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: s
         if quantize:
             raise ValueError(f"{root}: already quantized ({qcfg.get('quant_method')}); load it without quantize=")
         return quantized.load_published(root, qcfg, dtype=dtype, device=device)
+    snap, cfg, model, plan, headers = check_weights(root)
+    if dtype is None:
+        first = plan[0]
+        dtype = dtype_of(headers[first[2]][first[1]]["dtype"])
+    model = model.to(dtype=dtype)
+    sinks = quantized.prepare_quantized(model, quantize, quantize_only, device) if quantize else {}
+    model = model.to_empty(device=device)
+    if cfg.text.tie_word_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    params = dict(model.state_dict(keep_vars=True))
+    by_file: dict[Path, list[tuple[str, str]]] = {}
+    for ours, hf_key, file in plan:
+        by_file.setdefault(file, []).append((ours, hf_key))
+    with torch.no_grad():
+        for file, items in by_file.items():
+            read_into(file, headers[file], [(params[ours], hf_key) for ours, hf_key in items if ours not in sinks])
+            for ours, hf_key in items:  # quantized one tensor at a time: never the whole float model
+                if ours in sinks:
+                    sinks[ours](quantized.read_tensor(file, headers[file], hf_key))
+    model.reset_buffers()
+    bias = snap.file(BIAS_FILE)
+    if bias is not None:
+        apply_expert_bias(model, read_expert_bias(bias), bias)
+    elif BIAS_KEY in json.loads(snap.file("config.json").read_text()):
+        raise FileNotFoundError(f"{root}: config.json records a routing bias ({BIAS_KEY}) but {BIAS_FILE} is "
+                                f"missing; without it the model routes differently from the one trained")
+    model.side_info = read_side_files(root)  # tokenizer, generation and media settings (side_files.py)
+    return model.eval()
+
+
+def check_weights(root: Path) -> tuple[Snapshot, Llama4Config, Llama4, list[tuple[str, str, Path]], dict]:
+    """Read config.json and the safetensors headers of the HF checkpoint `root` and check every key and
+    shape against a model built on the meta device, before anything is allocated. Returns (snapshot,
+    config, meta model, [(our name, HF key, file)], headers by file)."""
     snap = Snapshot(root)  # the consistent set of files, also while a save into `root` is renaming
     config = snap.file("config.json")
     if config is None:
@@ -117,34 +151,7 @@ def load(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: s
     if missing:
         raise ValueError(f"{root}: {len(missing)} tensors missing from the checkpoint, e.g. "
                          f"{[keymap.to_hf(k) for k in missing[:3]]}")
-
-    if dtype is None:
-        first = plan[0]
-        dtype = dtype_of(headers[first[2]][first[1]]["dtype"])
-    model = model.to(dtype=dtype)
-    sinks = quantized.prepare_quantized(model, quantize, quantize_only, device) if quantize else {}
-    model = model.to_empty(device=device)
-    if cfg.text.tie_word_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-    params = dict(model.state_dict(keep_vars=True))
-    by_file: dict[Path, list[tuple[str, str]]] = {}
-    for ours, hf_key, file in plan:
-        by_file.setdefault(file, []).append((ours, hf_key))
-    with torch.no_grad():
-        for file, items in by_file.items():
-            read_into(file, headers[file], [(params[ours], hf_key) for ours, hf_key in items if ours not in sinks])
-            for ours, hf_key in items:  # quantized one tensor at a time: never the whole float model
-                if ours in sinks:
-                    sinks[ours](quantized.read_tensor(file, headers[file], hf_key))
-    model.reset_buffers()
-    bias = snap.file(BIAS_FILE)
-    if bias is not None:
-        apply_expert_bias(model, read_expert_bias(bias), bias)
-    elif BIAS_KEY in json.loads(config.read_text()):
-        raise FileNotFoundError(f"{root}: config.json records a routing bias ({BIAS_KEY}) but {BIAS_FILE} is "
-                                f"missing; without it the model routes differently from the one trained")
-    model.side_info = read_side_files(root)  # tokenizer, generation and media settings (side_files.py)
-    return model.eval()
+    return snap, cfg, model, plan, headers
 
 
 def read_expert_bias(f: Path) -> dict[str, list[float]]:

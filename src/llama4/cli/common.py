@@ -68,7 +68,7 @@ def load_model_and_tokenizer(args: argparse.Namespace):
         raise FileNotFoundError(f"--model {model_dir}: no such checkpoint directory")
     apply_threads(args)
     dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    model = load(model_dir, dtype=dtype).eval()
+    model = _load_maybe_parallel(model_dir, dtype, args) or load(model_dir, dtype=dtype).eval()
     if getattr(args, "adapter", None):
         from ..train.lora import apply_adapter
 
@@ -78,6 +78,31 @@ def load_model_and_tokenizer(args: argparse.Namespace):
                                        if (model_dir / n).is_file()), None)
     tokenizer = Tokenizer(tok_path)
     return model, tokenizer
+
+
+def _load_maybe_parallel(model_dir: Path, dtype, args: argparse.Namespace):
+    """Under torchrun: the model split over the ranks by `--tp` / `--ep` (each rank reads only its
+    slices); otherwise None (after refusing --tp / --ep without torchrun)."""
+    from ..train.distributed import launched
+
+    tp, ep = getattr(args, "tp", 1), getattr(args, "ep", 1)
+    if not launched():
+        if tp > 1 or ep > 1:
+            raise ValueError(f"--tp {tp} --ep {ep} split the model over the processes of a torchrun launch; run "
+                             f"`torchrun --nproc-per-node N -m llama4 {args.command} ...`")
+        return None
+    if getattr(args, "adapter", None):
+        raise ValueError("--adapter is not supported under torchrun (merge it into the checkpoint first)")
+    import atexit
+
+    import torch.distributed as dist
+
+    from ..train.distributed import init_from_env
+    from ..train.parallel import load_parallel
+
+    init_from_env()
+    atexit.register(dist.destroy_process_group)
+    return load_parallel(model_dir, tp=tp, ep=ep, dtype=dtype)
 
 
 # Used when neither the flag nor the checkpoint says otherwise.

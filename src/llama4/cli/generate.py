@@ -7,6 +7,7 @@ published Llama 4 tokenizer when the directory has none.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import TextIO
@@ -14,7 +15,7 @@ from typing import TextIO
 import torch
 
 from .chat_input import HELP, check_media, line_reader, parse_command
-from .common import add_threads, load_model_and_tokenizer
+from .common import add_threads, load_model_and_tokenizer, positive_int
 from ..generation.engine import DEFAULT_PREFILL_CHUNK, generate_stream
 from ..generation.session import ChatSession
 
@@ -68,7 +69,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ids = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
     else:
         ids = tokenizer.encode(args.prompt, bos=True)
-    _stream_text(model, tokenizer, ids, args, sys.stdout, pixel_values)
+    from ..train.distributed import is_main
+
+    if is_main():
+        _stream_text(model, tokenizer, ids, args, sys.stdout, pixel_values)
+    else:  # under torchrun every rank runs the same steps; rank 0 writes the text
+        with open(os.devnull, "w") as null:
+            _stream_text(model, tokenizer, ids, args, null, pixel_values)
     return 0
 
 
@@ -185,6 +192,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto = the checkpoint's")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step with torch.compile (fullgraph); the first token waits for it")
+    p.add_argument("--tp", type=positive_int, default=1,
+                   help="under torchrun: split attention and dense FFNs over this many ranks")
+    p.add_argument("--ep", type=positive_int, default=1,
+                   help="under torchrun: split the routed experts over this many ranks")
     add_threads(p)
 
 

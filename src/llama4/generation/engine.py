@@ -15,6 +15,7 @@ Shape legend: B rows, T tokens, V vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from typing import Iterator, Sequence
 
@@ -170,6 +171,13 @@ def generate_batch_stream(model, prompts: Sequence[Sequence[int]], *, max_new_to
                 step_fn)
 
 
+def _cache_config(model):
+    """The text config the KV store is sized by: a tensor-parallel rank keeps only its own kv heads."""
+    cfg = model.config.text
+    n_kv = getattr(model.layers[0].attention, "n_kv", cfg.num_key_value_heads)
+    return cfg if n_kv == cfg.num_key_value_heads else dataclasses.replace(cfg, num_key_value_heads=n_kv)
+
+
 def _run(model, rows: list[list[int]], max_new_tokens: int, params: SamplingParams, seed: int | None,
          stops: set[int], stop_text: _StopStrings | None, prefill_chunk: int,
          pixel_values: torch.Tensor | None, session, step_fn) -> Iterator[tuple[int, int]]:
@@ -190,7 +198,7 @@ def _run(model, rows: list[list[int]], max_new_tokens: int, params: SamplingPara
                                 pixel_values)
         session.ids = list(rows[0])
     else:
-        cache = ContiguousKV(cfg, len(rows), longest + max_new_tokens, weight.dtype, device)
+        cache = ContiguousKV(_cache_config(model), len(rows), longest + max_new_tokens, weight.dtype, device)
         seqs = [cache.add() for _ in rows]
         if pixel_values is not None or all(len(r) == longest for r in rows):
             with torch.inference_mode():

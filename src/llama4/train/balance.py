@@ -7,9 +7,11 @@ up for experts that got fewer tokens than average, down for those that got more.
 
 State lives on the modules, so it survives wrapping and sharding: each MoE counts its valid
 (non-padding) routed rows in its `tokens_per_expert` buffer, and keeps its bias in the persistent
-`expert_bias` buffer. Under torch.distributed the counts are summed over all ranks before the update
-(a uniform factor from tensor-parallel replicas does not change the sign that moves the bias). The
-auxiliary loss reads the router's logits through a forward hook on `moe.router`.
+`expert_bias` buffer. Under torch.distributed the counts are summed over `group` (the data-parallel
+ranks: each routes its own tokens over all E experts) before the update, so the bias moves as in one
+process; the auxiliary loss takes its token shares f_e and token count from the same sums, and each
+rank adds its own tokens' part of P_e, so the ranks' losses (and summed gradients) add up to the
+one-process loss. The auxiliary loss reads the router's logits through a forward hook on `moe.router`.
 
 Shape legend: L MoE layers, E experts, N tokens, k experts per token.
 """
@@ -23,7 +25,8 @@ from ..model.moe import MoE
 
 
 class ExpertBalancer:
-    def __init__(self, model: torch.nn.Module, bias_update_rate: float, aux_loss_coef: float):
+    def __init__(self, model: torch.nn.Module, bias_update_rate: float, aux_loss_coef: float, group=None):
+        self.group = group  # the ranks whose counts are summed (None: every rank, when distributed)
         self.layers = [i for i, block in enumerate(model.layers) if isinstance(block.feed_forward, MoE)]
         self.moes: list[MoE] = [model.layers[i].feed_forward for i in self.layers]
         self.rate, self.aux_coef = bias_update_rate, aux_loss_coef
@@ -52,7 +55,9 @@ class ExpertBalancer:
         and return the auxiliary loss (or None)."""
         for m in self.moes:
             m.count_tokens = False
-        aux = [aux_loss(logits_NE, m, mask_N) for m, logits_NE, mask_N in self.seen] if self.aux_coef else []
+        group = self.group if _distributed() else None
+        aux = [aux_loss(logits_NE, m, mask_N, group, distributed=_distributed())
+               for m, logits_NE, mask_N in self.seen] if self.aux_coef else []
         self.seen.clear()
         return self.aux_coef * torch.stack(aux).mean() if aux else None
 
@@ -68,8 +73,8 @@ class ExpertBalancer:
         """After an optimizer step: update the biases from this step's counts; returns each layer's load
         (fraction of routed tokens per expert) and starts counting afresh."""
         counts_LE = self.counts_LE
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and self.moes:
-            dist.all_reduce(counts_LE)
+        if _distributed() and self.moes:
+            dist.all_reduce(counts_LE, group=self.group)
         load = (counts_LE / counts_LE.sum(-1, keepdim=True).clamp(min=1)).tolist()
         for j, m in enumerate(self.moes):
             c_E = counts_LE[j]
@@ -91,10 +96,19 @@ class ExpertBalancer:
             m.expert_bias.copy_(tensors[key])
 
 
-def aux_loss(logits_NE: torch.Tensor, moe: MoE, mask_N: torch.Tensor | None = None) -> torch.Tensor:
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def aux_loss(logits_NE: torch.Tensor, moe: MoE, mask_N: torch.Tensor | None = None, group=None,
+             distributed: bool = False) -> torch.Tensor:
     """sum_e f_e * P_e over valid tokens: f_e the share of routed slots expert e got (x E/k, so 1 when
     balanced), P_e its mean normalised sigmoid affinity. Smallest when tokens spread evenly; only P_e
-    carries gradient. The choice is the MoE's own (fp32 logits plus its bias)."""
+    carries gradient. The choice is the MoE's own (fp32 logits plus its bias).
+
+    `distributed`: the tokens are spread over the ranks of `group`; f_e and the token count are summed
+    over them, and this rank's value is its own tokens' share, so the values over the ranks add up to
+    the loss of all their tokens together."""
     N, E = logits_NE.shape
     k = moe.top_k
     w_N = torch.ones(N, device=logits_NE.device) if mask_N is None else mask_N.to(logits_NE.device).float()
@@ -102,7 +116,12 @@ def aux_loss(logits_NE: torch.Tensor, moe: MoE, mask_N: torch.Tensor | None = No
         idx_Nk = torch.topk(logits_NE.float() + moe.expert_bias, k, dim=-1).indices
         counts_E = torch.zeros(E, device=logits_NE.device).index_add_(0, idx_Nk.reshape(-1),
                                                                       w_N.repeat_interleave(k))
-    n_valid = w_N.sum().clamp(min=1)
+        n_valid = w_N.sum()
+        if distributed:
+            both_E1 = torch.cat([counts_E, n_valid[None]]).double()
+            dist.all_reduce(both_E1, group=group)
+            counts_E, n_valid = both_E1[:E].to(counts_E), both_E1[E].to(n_valid)
+        n_valid = n_valid.clamp(min=1)
     s_NE = torch.sigmoid(logits_NE.float())
     p_E = ((s_NE / s_NE.sum(-1, keepdim=True)) * w_N[:, None]).sum(0) / n_valid
     f_E = counts_E * E / (k * n_valid)

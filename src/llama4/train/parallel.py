@@ -21,6 +21,7 @@ global number of target tokens, so the sum is the one-process gradient whatever 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -38,6 +39,7 @@ class Plan:
     ep: int = 1
     compile: bool = False
     checkpointing: bool = False
+    fsdp: bool = True  # inference: no FSDP, every rank keeps its TP/EP shards and the rest whole
 
     @property
     def dp(self) -> int:
@@ -52,7 +54,7 @@ class Plan:
 
 
 def make_plan(world: int, text: TextConfig, *, dp_replicate: int = 1, dp_shard: int = -1, tp: int = 1,
-              ep: int = 1, compile: bool = False, checkpointing: bool = False) -> Plan:
+              ep: int = 1, compile: bool = False, checkpointing: bool = False, fsdp: bool = True) -> Plan:
     """A checked plan for `world` ranks; `dp_shard=-1` takes what the other sizes leave. Raises
     ValueError naming the size that does not divide, before anything is allocated."""
     sizes = {"dp_replicate": dp_replicate, "tp": tp, "ep": ep}
@@ -63,7 +65,7 @@ def make_plan(world: int, text: TextConfig, *, dp_replicate: int = 1, dp_shard: 
         if world % (dp_replicate * tp):
             raise ValueError(f"world size {world} is not divisible by dp_replicate*tp = {dp_replicate}*{tp}")
         dp_shard = world // (dp_replicate * tp)
-    plan = Plan(dp_replicate, dp_shard, tp, ep, compile, checkpointing)
+    plan = Plan(dp_replicate, dp_shard, tp, ep, compile, checkpointing, fsdp)
     check_plan(plan, world, text)
     return plan
 
@@ -122,9 +124,24 @@ def parallelize(model: nn.Module, mesh, plan: Plan) -> nn.Module:
     if plan.compile:
         for block in model.layers:
             block.compile()  # in place: parameter names keep no `_orig_mod.` prefix
-    if plan.dp > 1:
+    if plan.dp > 1 and plan.fsdp:
         _fully_shard(model, mesh, plan)
     return model
+
+
+def load_parallel(path, *, tp: int = 1, ep: int = 1, dtype: torch.dtype | None = None) -> nn.Module:
+    """An HF checkpoint loaded for inference on every rank of the running process group, split by
+    tensor and/or expert parallelism (no FSDP): each rank reads only its slices, and every rank runs
+    the same prompts. Greedy tokens equal one process's."""
+    import torch.distributed as dist
+
+    from ..checkpoint.sharded import load_sharded
+    from ..config import load_config
+
+    text = load_config(Path(path) / "config.json").text
+    plan = make_plan(dist.get_world_size(), text, tp=tp, ep=ep, fsdp=False)
+    mesh = build_mesh(plan)
+    return load_sharded(path, lambda m: parallelize(m, mesh, plan), dtype=dtype)
 
 
 def _tensor_parallel(model: nn.Module, tp_mesh, tp: int) -> None:

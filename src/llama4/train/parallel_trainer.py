@@ -6,8 +6,8 @@ What keeps N ranks equal to one process:
     `batch_size / dp` rows (tensor-parallel ranks share theirs);
   - each rank's loss is divided by the *global* target count and gradients are summed, not averaged
     (`parallelize`), so the reduced gradient is the one-process gradient;
-  - expert token counts are summed over all ranks before the bias step (`ExpertBalancer.step`; the
-    tensor-parallel ranks' identical counts scale every expert alike, so loads and signs are unchanged);
+  - expert token counts are summed over the data-parallel ranks (each routes its own tokens over all
+    experts) before the bias step and inside the auxiliary loss (`balance.py`);
   - the gradient norm for clipping is taken over every shard on every mesh.
 Logs, metrics, plots and progress come from rank 0 only.
 """
@@ -55,6 +55,7 @@ class ParallelTrainer(Trainer):
         self.cfg.train.activation_checkpointing = self.checkpointing  # as given, in train_config.json
         self.dp_group = self.mesh["dp"].get_group()
         self.dp_rank, self.dp = self.mesh["dp"].get_local_rank(), self.plan.dp
+        self.balancer.group = self.dp_group  # counts and aux-loss shares summed over the data-parallel ranks
         if cfg.data.batch_size % self.dp:
             raise ValueError(f"data.batch_size={cfg.data.batch_size} is the global batch; it must divide over "
                              f"the {self.dp} data-parallel ranks of plan [{self.plan}]")
