@@ -139,3 +139,70 @@ def test_repetition_penalty_equals_generate(model):
     s = _sched(model, prefill_chunk=8)
     out = s.run([Request(_ids(9, seed=6), 24), *reqs, Request(_ids(30, seed=7), 24)])
     assert out[1:3] == refs
+
+
+# Scheduling policy: what each step runs (counted in positions, no timing) -----------------------------
+
+def _positions(reqs):
+    return [r.computed for r in reqs]
+
+
+def test_decodes_advance_every_step_while_a_long_prompt_prefills(model):
+    """Chunked prefill mixed with decode: every running request past its prompt gets exactly one token
+    in every step, and a step never runs more prompt tokens than the budget."""
+    s = _sched(model, prefill_chunk=32)
+    decoders = [s.add(Request(_ids(5, seed=k), 40)) for k in range(3)]
+    s.step()  # their prompts (15 tokens) fit in one step
+    assert all(len(r.generated) == 1 for r in decoders)
+    long_r = s.add(Request(_ids(150, seed=9), 3))
+    for _ in range(4):
+        before, long_before = [len(r.generated) for r in decoders], long_r.computed
+        s.step()
+        assert [len(r.generated) for r in decoders] == [b + 1 for b in before]
+        assert 0 < long_r.computed - long_before <= 32
+    assert long_r.computed == 4 * 32
+
+
+def test_first_tokens_are_emitted_before_decode_tokens(model):
+    """In a step that finishes a prompt, that request's first token is handed out before the running
+    requests' decode tokens (its client waits for it; theirs already stream)."""
+    order = []
+    s = _sched(model, prefill_chunk=64)
+    old = [s.add(Request(_ids(4, seed=k), 10, on_event=lambda ev, k=k: order.append(("old", k)))) for k in range(3)]
+    s.step()
+    order.clear()
+    s.add(Request(_ids(7, seed=8), 10, on_event=lambda ev: order.append(("new", 0))))
+    s.step()
+    assert order[0] == ("new", 0) and sorted(order[1:]) == [("old", k) for k in range(3)]
+    assert all(len(r.generated) == 2 for r in old)
+
+
+def test_a_long_prompt_is_not_starved_by_arrivals(model):
+    """The oldest unfinished prompt is promised half the budget each step, so a stream of short
+    arrivals (each served shortest-first, first token in the step after it arrives) cannot starve it:
+    its prefill ends within ceil(L / (budget / 2)) steps."""
+    s = _sched(model, blocks=2000, prefill_chunk=32, max_running=64)
+    long_r = s.add(Request(_ids(160, seed=1), 2))
+    shorts, steps = [], 0
+    while long_r.computed < 160:
+        r = s.add(Request(_ids(12, seed=100 + steps), 2))
+        s.step()
+        steps += 1
+        assert len(r.generated) == 1  # 12 tokens fit beside the long prompt's half
+        shorts.append(r)
+    assert steps <= -(-160 // 16)
+    while s.has_work():
+        s.step()
+    assert all(r.finish_reason == "length" for r in [long_r, *shorts])
+
+
+def test_prefill_budget_goes_to_fewest_tokens_left(model):
+    """After the oldest prompt's half, the budget goes to the prompts closest to their first token."""
+    s = _sched(model, prefill_chunk=40)
+    reqs = [s.add(Request(_ids(n, seed=n), 2)) for n in (100, 50, 30, 12)]
+    s.step()
+    # oldest: 20 (half); then fewest left first: 12 (done, first token), then 8 of the 30-token prompt
+    assert _positions(reqs) == [20, 0, 8, 12]
+    assert len(reqs[3].generated) == 1 and not reqs[2].generated
+    s.step()
+    assert _positions(reqs) == [40, 0, 28, 13]

@@ -183,8 +183,10 @@ class Scheduler:
         chosen = {}
         if plain:
             chosen = dict(zip(plain, torch.stack([logits[r] for r in plain]).argmax(-1).tolist()))
-        for req, logits_V in logits.items():
-            self._emit(req, logits_V, chosen.get(req))
+        # First tokens go out before decode tokens: their clients are waiting for the step that matters
+        # most to them (TTFT), and the order changes no token (each request samples with its own generator).
+        for req in sorted(logits, key=lambda r: r.t_first is not None):
+            self._emit(req, logits[req], chosen.get(req))
 
     def _prefill_slices(self) -> list[tuple[Request, int]]:
         """(request, tokens) to prefill this step, at most `prefill_chunk` tokens in all.
