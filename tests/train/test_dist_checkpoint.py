@@ -80,6 +80,7 @@ def _atomic_worker(out: str) -> dict:
             "leftovers": leftovers, "state": state, "same": same, "final": final}
 
 
+@pytest.mark.slow  # 2 ranks, 4 saves: ~20 s here, and once a gloo timeout under heavy load
 def test_dcp_save_is_atomic_under_a_crash_or_a_kill(tmp_path):
     for r in spawn(_atomic_worker, 2, str(tmp_path)):
         assert r["failed"], r

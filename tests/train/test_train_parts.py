@@ -107,7 +107,7 @@ def test_text_and_txt_documents(tok, tmp_path):
 
 
 @pytest.mark.parametrize("line, err, match", [
-    ('{"messages": [{"role": "user", "content": "x"}', ValueError, r"d.jsonl:2: malformed JSON"),
+    ('{"messages": [{"role": "user", "content": "x"}', ValueError, r"d.jsonl:2: not valid JSON"),
     ('{"prompt": "x"}', ValueError, r"d.jsonl:2: expected an object with either 'messages'"),
     ('{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "nope.png"}}]}, '
      '{"role": "assistant", "content": "a"}]}', FileNotFoundError, r"d.jsonl:2: media file 'nope.png' not found"),

@@ -18,25 +18,24 @@ THREADS_HELP = ("torch CPU threads (default: $OMP_NUM_THREADS if set, else 1, wh
                 "on an idle many-core machine try the core count)")
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
+def _int_at_least(text: str, low: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is invalid: expected an integer >= 1")
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{value} is invalid: expected an integer >= {low}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _int_at_least(text, 1)
 
 
 def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is invalid: expected an integer >= 0")
-    return value
+    """argparse type: an integer >= 0."""
+    return _int_at_least(text, 0)
 
 
 def add_threads(p: argparse.ArgumentParser) -> None:

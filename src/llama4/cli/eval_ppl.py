@@ -8,6 +8,7 @@ import math
 import sys
 from pathlib import Path
 
+from ..data.jsonl import iter_jsonl
 from ..eval.score import DEFAULT_BATCH_TOKENS, score_rolling
 from .common import add_threads, load_model_and_tokenizer, positive_int
 
@@ -23,15 +24,9 @@ def read_documents(path: Path, field: str = "text") -> list[str]:
     if path.suffix != ".jsonl":
         return [text]
     docs = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    for where, row in iter_jsonl(path):
         if not isinstance(row, dict) or not isinstance(row.get(field), str):
-            raise ValueError(f"{path}:{n}: expected an object with a string {field!r} field, got {line[:80]!r}")
+            raise ValueError(f"{where}: expected an object with a string {field!r} field, got {json.dumps(row)[:80]!r}")
         docs.append(row[field])
     if not docs:
         raise ValueError(f"{path}: no documents (expected one JSON object per line with a {field!r} field)")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.jsonl import iter_jsonl
 from ..data.synth import make_dataset
 from ..generation import generate
 from ..media.prompt import encode_prompt
@@ -57,17 +58,11 @@ def _absolute(messages: list, base: Path) -> list:
 
 def read_samples(path: Path) -> list[dict]:
     samples = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            s = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    for where, s in iter_jsonl(path):
         msgs = s.get("messages") if isinstance(s, dict) else None
         if not isinstance(msgs, list) or len(msgs) < 2 or not isinstance(msgs[-1], dict) \
                 or msgs[-1].get("role") != "assistant" or not isinstance(msgs[-1].get("content"), str):
-            raise ValueError(f"{path}:{n}: expected {{'messages': [..., {{'role': 'assistant', 'content': str}}]}} "
+            raise ValueError(f"{where}: expected {{'messages': [..., {{'role': 'assistant', 'content': str}}]}} "
                              f"with the reference answer last")
         samples.append(s)
     if not samples:

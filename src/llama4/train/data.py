@@ -28,6 +28,7 @@ import torch
 
 from ..text.chat import ROLE_HEADERS, ChatRenderer
 from ..config import Llama4Config
+from ..data.jsonl import iter_jsonl
 from ..media.image import load_image, preprocess_image
 from ..text.tokenizer import Tokenizer
 from .config import DataSection
@@ -200,29 +201,16 @@ def read_documents(paths: list[str], encoder: Encoder) -> list[Document]:
 
 def _read_jsonl(path: Path, encoder: Encoder) -> list[Document]:
     docs = []
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            where = f"{path}:{n}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{where}: not valid UTF-8 (byte {e.start + 1} of the line is "
-                                 f"{raw[e.start:e.start + 1]!r}); JSONL files must be UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict) or ("messages" in obj) == ("text" in obj):
-                raise ValueError(f"{where}: expected an object with either 'messages' (chat) or 'text', "
-                                 f"got {line.strip()[:80]!r}")
-            if "text" in obj:
-                if not isinstance(obj["text"], str):
-                    raise ValueError(f"{where}: 'text' must be a string, got {type(obj['text']).__name__}")
-                docs.append(encoder.text(obj["text"], where))
-            else:
-                docs.append(encoder.chat(obj["messages"], path.parent, where))
+    for where, obj in iter_jsonl(path):
+        if not isinstance(obj, dict) or ("messages" in obj) == ("text" in obj):
+            raise ValueError(f"{where}: expected an object with either 'messages' (chat) or 'text', "
+                             f"got {json.dumps(obj)[:80]!r}")
+        if "text" in obj:
+            if not isinstance(obj["text"], str):
+                raise ValueError(f"{where}: 'text' must be a string, got {type(obj['text']).__name__}")
+            docs.append(encoder.text(obj["text"], where))
+        else:
+            docs.append(encoder.chat(obj["messages"], path.parent, where))
     return docs
 
 

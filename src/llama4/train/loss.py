@@ -4,7 +4,9 @@ With Llama 4's 202,048-entry vocabulary, fp32 logits for 16k tokens are 13 GB, a
 them (and their softmax) for the backward pass. Here the hidden states of the target positions go
 through the output head a chunk of tokens at a time, each chunk under activation checkpointing: its
 logits are dropped after the forward and recomputed in the backward, so at most one chunk of logits
-exists at a time.
+exists at a time. The last chunk is not checkpointed: the backward starts right after it, so keeping its
+logits costs no more memory than recomputing them would, and a short sequence (one chunk) pays no
+recompute at all.
 
 The head is *called* (`model.output(h_CD)`), never replaced by a product with its weight, so that a
 sharded head's hooks (FSDP's all-gather, tensor-parallel collectives, LoRA parametrizations) fire.
@@ -42,6 +44,10 @@ def chunked_cross_entropy(h_ND: torch.Tensor, head: Callable[[torch.Tensor], tor
         return h_ND.sum() * 0.0
     total = None
     for a in range(0, h_ND.shape[0], chunk):
-        part = checkpoint(_chunk_loss, head, h_ND[a:a + chunk], labels_N[a:a + chunk], use_reentrant=False)
+        h_CD, y_C = h_ND[a:a + chunk], labels_N[a:a + chunk]
+        if a + chunk >= h_ND.shape[0]:  # the last chunk: its logits live only until the backward starts
+            part = _chunk_loss(head, h_CD, y_C)
+        else:
+            part = checkpoint(_chunk_loss, head, h_CD, y_C, use_reentrant=False)
         total = part if total is None else total + part
     return total / norm
