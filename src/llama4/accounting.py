@@ -46,17 +46,31 @@ def parameter_counts(cfg: Llama4Config) -> dict[str, int]:
     return {"total": total, "active": active}
 
 
-def kv_bytes_per_token(cfg: Llama4Config, dtype_bytes: int = 2) -> dict[str, int]:
-    """KV-cache bytes one token costs, by layer kind (keys + values, all layers of that kind)."""
+# Bytes per cached element by KV dtype; fp8 / int8 add one bf16 scale per head_dim elements (kv/quant.py).
+KV_ELEMENT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0}
+
+
+def kv_element_bytes(kv_dtype: str, head_dim: int) -> float:
+    """Stored bytes per cached element of `kv_dtype`, scales included (what the KV stores allocate)."""
+    if kv_dtype not in KV_ELEMENT_BYTES:
+        raise ValueError(f"KV dtype {kv_dtype!r} is not one of {sorted(KV_ELEMENT_BYTES)}")
+    return KV_ELEMENT_BYTES[kv_dtype] + (2 / head_dim if kv_dtype in ("fp8", "int8") else 0)
+
+
+def kv_bytes_per_token(cfg: Llama4Config, dtype_bytes: float = 2, global_bytes: float | None = None) -> dict[str, float]:
+    """KV-cache bytes one token costs, by layer kind (keys + values, all layers of that kind);
+    `global_bytes` per element of the global layers when their KV dtype differs (fp8 / int8 KV)."""
     t = cfg.text
-    per_layer = 2 * t.num_key_value_heads * t.head_dim * dtype_bytes
+    per_elem = 2 * t.num_key_value_heads * t.head_dim
     local = sum(t.is_chunked(i) for i in range(t.num_hidden_layers))
-    return {"local": local * per_layer, "global": (t.num_hidden_layers - local) * per_layer}
+    gb = dtype_bytes if global_bytes is None else global_bytes
+    return {"local": local * per_elem * dtype_bytes, "global": (t.num_hidden_layers - local) * per_elem * gb}
 
 
-def kv_cache_bytes(cfg: Llama4Config, context: int, dtype_bytes: int = 2) -> dict[str, int]:
+def kv_cache_bytes(cfg: Llama4Config, context: int, dtype_bytes: float = 2,
+                   global_bytes: float | None = None) -> dict[str, float]:
     """KV-cache bytes for `context` tokens: local layers hold at most one chunk, global layers all."""
-    per = kv_bytes_per_token(cfg, dtype_bytes)
+    per = kv_bytes_per_token(cfg, dtype_bytes, global_bytes)
     chunk = cfg.text.attention_chunk_size or context
     local = per["local"] * min(context, chunk)
     glob = per["global"] * context

@@ -339,3 +339,23 @@ def test_cli_chat_with_images(mm_ckpt, capsys, monkeypatch):
         assert reply == tok.decode([t for t in new if t not in tok.stop_ids])
         history += [{"role": "assistant", "content": reply}] + ([nxt] if nxt else [])
     assert encode_prompt(tok, history[:-1], model.config).pixel_values.shape[0] == 6  # 2 images x (2 tiles + thumb)
+
+
+def test_cli_generate_and_chat_with_int8_kv(text_ckpt, capsys, monkeypatch):
+    import io
+
+    from llama4.cli import main
+
+    root, tok = text_ckpt
+    model = llama4.load(root)
+    ids = tok.encode("the cat sat", bos=True)
+    new = llama4.generate(model, ids, max_new_tokens=12, kv_dtype="int8")
+    assert main(["generate", "--model", str(root), "--prompt", "the cat sat", "--max-new-tokens", "12",
+                 "--kv-dtype", "int8"]) == 0
+    assert capsys.readouterr().out == tok.decode([t for t in new if t not in tok.stop_ids]) + "\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello world\n/exit\n"))
+    assert main(["chat", "--model", str(root), "--max-new-tokens", "6", "--kv-dtype", "fp8"]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(root), "--prompt", "x", "--kv-dtype", "int4"])
+    assert "invalid choice: 'int4'" in capsys.readouterr().err

@@ -33,7 +33,7 @@ def _alone(model, ids: torch.Tensor) -> torch.Tensor:
 def test_contiguous_store_implements_the_protocol(model):
     kv = ContiguousKV(model.config.text, 2, 64)
     assert isinstance(kv, KVStore)
-    assert kv.nbytes() == sum(2 * k.numel() * k.element_size() for k in kv.k)
+    assert kv.nbytes() == sum(2 * k.data.numel() * k.data.element_size() for k in kv.k)
 
 
 def test_mixed_batch_equals_each_sequence_alone(model):

@@ -140,3 +140,58 @@ def test_autocast_feeds_kernels_the_autocast_dtype():
         torch.testing.assert_close(out.float(), moe_dense_reference(moe, x), rtol=3e-2, atol=3e-2)
     finally:
         KERNELS["plain"][:] = [k for k in KERNELS["plain"] if k.name != "spy"]
+
+
+def test_small_loop_is_the_eager_cpu_decode_kernel():
+    experts = make_moe().experts
+    x = torch.randn(SMALL_ROWS, 32)
+    with torch.no_grad():
+        assert select_kernel(experts, x).name == "small_loop"
+        assert select_kernel(experts, torch.randn(SMALL_ROWS + 1, 32)).name == "loop"
+    # With autograd through the weights it steps aside (w[e] would make E-sized zero gradients)
+    assert select_kernel(experts, x).name == "gather"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k, T", [(1, 1), (2, 1), (1, 5), (2, 4)])
+def test_small_loop_equals_loop(dtype, k, T):
+    moe = make_moe(E=16, k=k, dtype=dtype)
+    moe.expert_bias[5] = -100.0
+    x = torch.randn(1, T, 32, dtype=dtype)
+    with torch.no_grad():
+        rows_RD, counts_E = _rows(moe, x)
+        assert counts_E[5] == 0 and rows_RD.shape[0] == k * T <= SMALL_ROWS
+        moe.experts.kernel = "loop"
+        ref = moe.experts(rows_RD, counts_E).float()
+        moe.experts.kernel = "small_loop"
+        got = moe.experts(rows_RD, counts_E).float()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
+    moe.experts.kernel = "small_loop"
+    with torch.no_grad():
+        assert moe.experts(rows_RD[:0], torch.zeros(16, dtype=torch.int64)).shape == (0, 32)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_one_token_path_equals_dense_reference(k):
+    """Batch-1 decode skips the sort over experts; it must equal the dense formulation and the
+    general (sorted) path."""
+    moe = make_moe(E=16, k=k).eval()
+    x = torch.randn(1, 1, 32)
+    sorted_calls = []
+    orig = torch.argsort
+    try:
+        torch.argsort = lambda *a, **kw: sorted_calls.append(1) or orig(*a, **kw)
+        with torch.no_grad():
+            got = moe(x)
+    finally:
+        torch.argsort = orig
+    assert not sorted_calls
+    with torch.no_grad():
+        torch.testing.assert_close(got, moe_dense_reference(moe, x), rtol=1e-5, atol=1e-5)
+        general = moe(torch.cat([x, torch.randn(1, 1, 32)], 1))[:, :1]
+        torch.testing.assert_close(got, general, rtol=1e-5, atol=1e-5)
+    xb = x.bfloat16()
+    moe_b = moe.to(torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(moe_b(xb).float(), moe_dense_reference(moe_b, xb).float(), rtol=3e-2, atol=3e-2)

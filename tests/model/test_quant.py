@@ -152,3 +152,70 @@ def test_quantize_model_all_linears_and_memory():
         got = model(ids)
     # int8 everywhere on a random model: logits move by a small fraction of their spread
     assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+# pack_for_cpu: bf16 weights packed as fp16 for fbgemm ---------------------------------------------
+
+from llama4.model.quant import PackedExperts, PackedLinear, pack_for_cpu  # noqa: E402
+
+
+def test_packed_linear_equals_fp32_matmul_of_the_bf16_weights():
+    lin = torch.nn.Linear(96, 40, bias=True).to(torch.bfloat16)
+    x = torch.randn(5, 96)
+    want = torch.nn.functional.linear(x, lin.weight.float(), lin.bias.float())
+    got = PackedLinear(lin)(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # bf16 -> fp16 is exact here
+    assert PackedLinear(lin)(x.bfloat16()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("E,k,T", [(16, 1, 1), (16, 2, 1), (16, 2, 40), (128, 1, 20)])
+def test_packed_experts_equal_the_reference(E, k, T):
+    moe = make_moe(E, k).to(torch.bfloat16).float()  # bf16 weight values, fp32 math
+    x = torch.randn(1, T, 64)
+    with torch.no_grad():
+        want = moe_dense_reference(moe, x)
+        moe.experts = PackedExperts(moe.experts)
+        got = moe(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    out = moe.experts(torch.empty(0, 64), torch.zeros(E, dtype=torch.int64))
+    assert out.shape == (0, 64)
+
+
+def test_pack_for_cpu_model_equals_fp32_of_the_same_weights_and_decodes_the_same():
+    cfg = llama4.preset("tiny")
+    cfg.vision = None
+    model = llama4.Llama4(cfg).init_weights(seed=0).eval().to(torch.bfloat16)
+    ref = llama4.Llama4(cfg).eval()
+    ref.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    ids = torch.randint(0, cfg.text.vocab_size, (1, 12))
+    with torch.no_grad():
+        want = ref(ids)
+        bf16_err = float((model(ids).float() - want).abs().max())
+    pack_for_cpu(model)
+    assert isinstance(model.layers[0].attention.wq, PackedLinear)
+    moe_layer = next(i for i in range(cfg.text.num_hidden_layers) if cfg.text.is_moe(i))
+    assert isinstance(model.layers[moe_layer].feed_forward.experts, PackedExperts)
+    with torch.no_grad():
+        got = model(ids)
+    # fp32 math on the same weight values (fp16 holds bf16 values but for subnormals): within 2e-3 of
+    # the logits' range, and several times closer than the bf16 model itself
+    err = float((got - want).abs().max())
+    assert got.dtype == torch.float32 and err <= 2e-3 * float(want.abs().max()) and err < bf16_err / 4
+    prompt = ids[0].tolist()
+    assert llama4.generate(model, prompt, max_new_tokens=8, stop_ids=[]) == \
+        llama4.generate(ref, prompt, max_new_tokens=8, stop_ids=[])
+    with pytest.raises(ValueError, match="packed for CPU inference .* save the model before packing"):
+        model.state_dict()
+
+
+def test_pack_for_cpu_refuses_what_it_cannot_pack():
+    lin = torch.nn.Linear(8, 8, bias=False)
+    with torch.no_grad():
+        lin.weight[0, 0] = 1e5
+    with pytest.raises(ValueError, match="magnitude 100000 does not fit fp16"):
+        PackedLinear(lin)
+    cfg = llama4.preset("tiny")
+    cfg.vision = None
+    model = quantize_model(llama4.Llama4(cfg).init_weights(seed=0).eval(), "int8")
+    with pytest.raises(ValueError, match="is quantized; pack a float"):
+        pack_for_cpu(model)

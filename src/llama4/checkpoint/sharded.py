@@ -12,6 +12,7 @@ file's dtype differs.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..model import Llama4
-from .hf import BIAS_FILE, apply_expert_bias, check_weights, read_expert_bias
+from .hf import BIAS_FILE, BIAS_KEY, apply_expert_bias, check_weights, read_expert_bias
 from .safetensors_io import TORCH_DTYPES
 from .side_files import read_side_files
 
@@ -73,9 +74,15 @@ def load_sharded(path: str | os.PathLike, shard: Callable[[Llama4], object], *,
     """Load the HF checkpoint at `path` into a model that `shard` lays out across ranks, reading on
     each rank only that rank's slices. Every rank calls this with the same `shard`. `dtype` defaults to
     the checkpoint's."""
+    from .quantized import quantization_config
+
     root = Path(path)
     if not (root / "config.json").is_file():
         raise FileNotFoundError(f"{root}: no config.json; sharded loading reads HF safetensors checkpoints")
+    qcfg = quantization_config(root)
+    if qcfg is not None:
+        raise ValueError(f"{root}: a quantized checkpoint ({qcfg.get('quant_method')}); sharded loading reads float "
+                         f"weights (dequantize it with `llama4 convert --to hf --dtype bf16` first)")
     snap, cfg, model, plan, headers = check_weights(root)
     if dtype is None:
         ours, hf_key, file = plan[0]
@@ -104,5 +111,8 @@ def load_sharded(path: str | os.PathLike, shard: Callable[[Llama4], object], *,
     bias = snap.file(BIAS_FILE)
     if bias is not None:
         apply_expert_bias(model, read_expert_bias(bias), bias)
+    elif BIAS_KEY in json.loads(snap.file("config.json").read_text()):
+        raise FileNotFoundError(f"{root}: config.json records a routing bias ({BIAS_KEY}) but {BIAS_FILE} is "
+                                f"missing; without it the model routes differently from the one trained")
     model.side_info = read_side_files(root)
     return model.eval()

@@ -24,7 +24,7 @@ def _sampling(args: argparse.Namespace, tokenizer) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                 stop_strings=args.stop or None, tokenizer=tokenizer, prefill_chunk=args.prefill_chunk,
-                compile=args.compile)
+                compile=args.compile, kv_dtype=args.kv_dtype)
 
 
 def _stream_text(model, tokenizer, ids: list[int], args: argparse.Namespace, out: TextIO,
@@ -90,7 +90,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     for kind, paths in (("image", args.image), ("video", args.video)):
         for path in paths:
             check_media(kind, path)
-    session = ChatSession(model, args.context or min(model.config.text.max_position_embeddings, 32768))
+    session = ChatSession(model, args.context or min(model.config.text.max_position_embeddings, 32768),
+                          kv_dtype=args.kv_dtype)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     images, videos = list(args.image), list(args.video)
     has_media = False
@@ -190,6 +191,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
                    help="prompt tokens per prefill step (bounds activation memory)")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto = the checkpoint's")
+    p.add_argument("--kv-dtype", choices=["auto", "fp8", "int8"], default="auto",
+                   help="the global layers' KV cache: auto = the weights' dtype; fp8 / int8 = one byte per element "
+                        "with a scale per position and head (about half of bf16)")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step with torch.compile (fullgraph); the first token waits for it")
     p.add_argument("--tp", type=positive_int, default=1,

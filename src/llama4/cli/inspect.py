@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..accounting import bytes_human, fits_on, kv_bytes_per_token, kv_cache_bytes, parameter_counts, quantized_weight_bytes
+from ..accounting import (bytes_human, fits_on, kv_bytes_per_token, kv_cache_bytes, kv_element_bytes, parameter_counts,
+                          quantized_weight_bytes)
 from ..config import PRESETS, load_config, preset
 from .common import positive_int
 
@@ -62,12 +63,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"parameters       total {counts['total']:,}  active {counts['active']:,}")
     print_routing_bias(Path(args.model))
     print_quantized_memory(cfg)
-    per = kv_bytes_per_token(cfg, args.kv_bytes)
+    # --kv-dtype fp8/int8 is the global layers' dtype (llama4.kv.quant); local layers keep --kv-bytes.
+    gb = kv_element_bytes(args.kv_dtype, t.head_dim) if args.kv_dtype else None
+    per = kv_bytes_per_token(cfg, args.kv_bytes, gb)
+    kind = f"{args.kv_bytes}-byte elements" + (f", global layers {args.kv_dtype} ({gb:.4g} bytes with scales)"
+                                              if gb is not None else "")
     print(f"kv-cache/token   local layers {bytes_human(per['local'])}, global layers {bytes_human(per['global'])} "
-          f"({args.kv_bytes}-byte elements)")
+          f"({kind})")
     contexts = [args.context] if args.context else [8192, 131072, 1048576, t.max_position_embeddings]
     for ctx in sorted(set(contexts)):
-        kv = kv_cache_bytes(cfg, ctx, args.kv_bytes)
+        kv = kv_cache_bytes(cfg, ctx, args.kv_bytes, gb)
         naive = (per["local"] + per["global"]) * ctx
         print(f"kv-cache @{ctx:>11,}  local {bytes_human(kv['local']):>11}  global {bytes_human(kv['global']):>11}  "
               f"total {bytes_human(kv['total']):>11}  (naive {bytes_human(naive)})")
@@ -104,4 +109,7 @@ def add_inspect(sub) -> None:
     p.add_argument("model", help="checkpoint directory or preset name (tiny, scout, maverick, behemoth)")
     p.add_argument("--context", type=positive_int, default=None, help="context length for the KV-cache figure")
     p.add_argument("--kv-bytes", type=positive_int, default=2, help="bytes per cached element (2 = bf16)")
+    p.add_argument("--kv-dtype", choices=["bf16", "fp16", "fp8", "int8"], default=None,
+                   help="the global layers' KV dtype (fp8 / int8: one byte per element plus a bf16 scale per head "
+                        "vector); default: --kv-bytes for every layer")
     p.set_defaults(func=cmd_inspect)

@@ -35,7 +35,8 @@ def _memory_budget(args, device: torch.device) -> int:
 
 
 def build_engine(model, tokenizer, *, kv_memory: int, block_size: int = 16, max_running: int = 64,
-                 prefill_chunk: int = 256, max_model_len: int | None = None, prefix_caching: bool = True):
+                 prefill_chunk: int = 256, max_model_len: int | None = None, prefix_caching: bool = True,
+                 kv_dtype: str | None = None):
     """The paged store, scheduler and engine thread for `model` (not started)."""
     from ..generation.scheduler import Scheduler
     from ..kv.paged import PagedKV
@@ -47,7 +48,7 @@ def build_engine(model, tokenizer, *, kv_memory: int, block_size: int = 16, max_
     if chunk and chunk % block_size:
         block_size = next(b for b in (16, 8, 4, 2, 1) if chunk % b == 0)
     kv = PagedKV.from_memory(text, kv_memory, block_size, dtype=w.dtype, device=w.device,
-                             prefix_caching=prefix_caching)
+                             prefix_caching=prefix_caching, kv_dtype=kv_dtype)
     sched = Scheduler(model, kv, max_running=max_running, prefill_chunk=prefill_chunk, tokenizer=tokenizer)
     limit = min(text.max_position_embeddings, max_model_len or text.max_position_embeddings)
     lo, hi = 0, limit  # the longest sequence one request may hold alone in this pool
@@ -73,14 +74,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"--allowed-media-dir {d}: no such directory")
     engine = build_engine(model, tokenizer, kv_memory=_memory_budget(args, model.output.weight.device),
                           block_size=args.block_size, max_running=args.max_running, prefill_chunk=args.prefill_chunk,
-                          max_model_len=args.max_model_len, prefix_caching=not args.no_prefix_caching)
+                          max_model_len=args.max_model_len, prefix_caching=not args.no_prefix_caching,
+                          kv_dtype=args.kv_dtype)
     api_key = args.api_key or os.environ.get("LLAMA4_API_KEY") or None
     cfg = ServeConfig(model_name=args.served_model_name or Path(args.model).name, api_key=api_key,
                       max_body_bytes=args.max_body_bytes, max_queue=args.max_queue, allowed_media_dirs=dirs,
                       shutdown_timeout=args.shutdown_timeout)
     kv = engine.scheduler.kv
     print(f"llama4 serve: {cfg.model_name} on http://{args.host}:{args.port}  KV pool {kv.num_blocks} blocks x "
-          f"{kv.block_size} positions ({kv.nbytes() / 2**20:.1f} MiB), context window {engine.scheduler.window}",
+          f"{kv.block_size} positions ({kv.nbytes() / 2**20:.1f} MiB, {kv.kv_dtype or 'weights dtype'}), context window {engine.scheduler.window}",
           flush=True)
     uvicorn.run(create_app(engine, tokenizer, cfg), host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=args.shutdown_timeout)
@@ -109,6 +111,9 @@ def add_serve(sub) -> None:
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--shutdown-timeout", type=float, default=10.0, help="seconds running requests get to finish")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto")
+    p.add_argument("--kv-dtype", choices=["auto", "fp8", "int8"], default="auto",
+                   help="KV pool elements: auto = the weights' dtype; fp8 / int8 = one byte with a scale per position "
+                        "and head (the pool holds about twice the tokens)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--log-level", default="warning")
     p.set_defaults(func=cmd_serve)

@@ -23,6 +23,7 @@ import torch
 
 from ..kv.base import KVStore, Step
 from ..kv.contiguous import ContiguousKV
+from ..kv.quant import check_kv_dtype
 from .sampling import SamplingParams, sample
 
 DEFAULT_PREFILL_CHUNK = 2048
@@ -140,7 +141,8 @@ def generate_batch_stream(model, prompts: Sequence[Sequence[int]], *, max_new_to
                           repetition_penalty: float = 1.0, seed: int | None = None, stop_ids=None,
                           stop_strings: Sequence[str] | None = None, tokenizer=None,
                           prefill_chunk: int = DEFAULT_PREFILL_CHUNK, pixel_values: torch.Tensor | None = None,
-                          session=None, compile: bool = False) -> Iterator[tuple[int, int]]:
+                          session=None, compile: bool = False,
+                          kv_dtype: str | None = None) -> Iterator[tuple[int, int]]:
     """Yields (row, token) as tokens are chosen. A row ends after a stop id (which is yielded), a stop
     string, or `max_new_tokens` tokens; see `generate` for the parameters. Bad arguments raise
     ValueError here, before anything runs."""
@@ -166,9 +168,13 @@ def generate_batch_stream(model, prompts: Sequence[Sequence[int]], *, max_new_to
         raise ValueError(f"pixel_values are supported for one prompt at a time, got {len(rows)} prompts")
     if session is not None and (len(rows) != 1 or session.model is not model):
         raise ValueError("a ChatSession generates for one prompt of its own model")
+    kv_dtype = check_kv_dtype(kv_dtype)
+    if session is not None and kv_dtype is not None and kv_dtype != session.cache.kv_dtype:
+        raise ValueError(f"kv_dtype={kv_dtype!r} but the ChatSession's store holds {session.cache.kv_dtype or 'auto'}: "
+                         f"give the session the kv_dtype (ChatSession(model, n, kv_dtype=...))")
     step_fn = compiled_decode_step(model) if compile else decode_step
     return _run(model, rows, max_new_tokens, params, seed, stops, stop_text, prefill_chunk, pixel_values, session,
-                step_fn)
+                step_fn, kv_dtype)
 
 
 def _cache_config(model):
@@ -180,7 +186,7 @@ def _cache_config(model):
 
 def _run(model, rows: list[list[int]], max_new_tokens: int, params: SamplingParams, seed: int | None,
          stops: set[int], stop_text: _StopStrings | None, prefill_chunk: int,
-         pixel_values: torch.Tensor | None, session, step_fn) -> Iterator[tuple[int, int]]:
+         pixel_values: torch.Tensor | None, session, step_fn, kv_dtype: str | None) -> Iterator[tuple[int, int]]:
     if max_new_tokens == 0:
         return
     cfg = model.config.text
@@ -198,7 +204,8 @@ def _run(model, rows: list[list[int]], max_new_tokens: int, params: SamplingPara
                                 pixel_values)
         session.ids = list(rows[0])
     else:
-        cache = ContiguousKV(_cache_config(model), len(rows), longest + max_new_tokens, weight.dtype, device)
+        cache = ContiguousKV(_cache_config(model), len(rows), longest + max_new_tokens, weight.dtype, device,
+                             kv_dtype=kv_dtype)
         seqs = [cache.add() for _ in rows]
         if pixel_values is not None or all(len(r) == longest for r in rows):
             with torch.inference_mode():
@@ -256,7 +263,7 @@ def generate(model, prompt_ids: Sequence[int], *, max_new_tokens: int, temperatu
              top_p: float = 1.0, min_p: float = 0.0, seed: int | None = None, stop_ids=None,
              repetition_penalty: float = 1.0, stop_strings: Sequence[str] | None = None, tokenizer=None,
              prefill_chunk: int = DEFAULT_PREFILL_CHUNK, pixel_values: torch.Tensor | None = None,
-             compile: bool = False) -> list[int]:
+             compile: bool = False, kv_dtype: str | None = None) -> list[int]:
     """The new tokens only (a stop id that ended generation is included as the last token).
 
     temperature 0 = greedy; `seed` makes sampling reproducible; `stop_ids=None` stops on the config's
@@ -264,10 +271,11 @@ def generate(model, prompt_ids: Sequence[int], *, max_new_tokens: int, temperatu
     `tokenizer`) stop once the generated text contains one; `prefill_chunk` bounds prefill memory;
     `pixel_values` are the tiles for the prompt's `<|patch|>` slots (see `llama4.media.prompt`);
     `compile=True` runs the decode step through `torch.compile(fullgraph=True)` (the first call pays
-    for the compilation).
+    for the compilation); `kv_dtype="fp8"|"int8"` stores the global layers' keys and values in one
+    byte per element (`llama4.kv.quant`; None: the weights' dtype).
     """
     return list(generate_stream(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
                                 top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, stop_ids=stop_ids,
                                 repetition_penalty=repetition_penalty, stop_strings=stop_strings,
                                 tokenizer=tokenizer, prefill_chunk=prefill_chunk, pixel_values=pixel_values,
-                                compile=compile))
+                                compile=compile, kv_dtype=kv_dtype))

@@ -15,14 +15,14 @@ class ChatSession:
     resumes at the start of the chunk the shared prefix ends in, and the rest is prefilled again.
     """
 
-    def __init__(self, model, max_context: int):
+    def __init__(self, model, max_context: int, kv_dtype: str | None = None):
         cfg = model.config.text
         if not isinstance(max_context, int) or not 1 <= max_context <= cfg.max_position_embeddings:
             raise ValueError(f"max_context={max_context!r} is invalid: expected an int in "
                              f"[1, {cfg.max_position_embeddings}] (max_position_embeddings)")
         self.model, self.max_context = model, max_context
         w = model.output.weight
-        self.cache = ContiguousKV(cfg, 1, max_context, w.dtype, w.device, rollback=SESSION_ROLLBACK)
+        self.cache = ContiguousKV(cfg, 1, max_context, w.dtype, w.device, rollback=SESSION_ROLLBACK, kv_dtype=kv_dtype)
         self.seq = self.cache.add()
         self.ids: list[int] = []  # the tokens whose keys the store holds, in order
         self.reused = 0  # prompt tokens the last call took from the cache

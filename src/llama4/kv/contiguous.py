@@ -22,22 +22,27 @@ import torch
 
 from ..config import TextConfig
 from .base import PrefillGroup, Step
+from .quant import KVTensor, check_kv_dtype
 
 
 class ContiguousKV:
     """Keys and values of every layer for up to `max_seqs` sequences of up to `max_len` positions."""
 
     def __init__(self, cfg: TextConfig, max_seqs: int, max_len: int, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", rollback: int = 0):
+                 device: torch.device | str = "cpu", rollback: int = 0, kv_dtype: str | None = None):
         for name, v, lo in (("max_seqs", max_seqs, 1), ("max_len", max_len, 1), ("rollback", rollback, 0)):
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ValueError(f"ContiguousKV needs {name} to be an int >= {lo}, got {v!r}")
         self.max_seqs, self.max_len, self.rollback_slots = max_seqs, max_len, rollback
         self.chunks = [cfg.attention_chunk_size if cfg.is_chunked(i) else None for i in range(cfg.num_hidden_layers)]
         self.caps = [min(c + rollback, max_len) if c else max_len for c in self.chunks]
+        # kv_dtype (fp8 / int8) is for the global layers, the ones that grow with the context; a chunked
+        # layer holds one chunk whatever the context, and keeps the compute dtype.
+        self.kv_dtype = check_kv_dtype(kv_dtype)
         shape = (max_seqs, cfg.num_key_value_heads)
-        self.k = [torch.zeros(*shape, cap, cfg.head_dim, dtype=dtype, device=device) for cap in self.caps]
-        self.v = [torch.zeros_like(k) for k in self.k]
+        self.k = [KVTensor((*shape, cap, cfg.head_dim), dtype, None if c else self.kv_dtype, device)
+                  for c, cap in zip(self.chunks, self.caps)]
+        self.v = [KVTensor(k.shape, dtype, k.kv_dtype, device) for k in self.k]
         self.slot_pos = {cap: torch.full((max_seqs, cap), -1, dtype=torch.int64, device=device)
                          for cap in set(self.caps)}
         self.device = torch.device(device)
@@ -64,7 +69,8 @@ class ContiguousKV:
         self._check_seq(seq)
         new = self.add()
         for k, v in zip(self.k, self.v):
-            k[new], v[new] = k[seq], v[seq]
+            k.copy(new, seq)
+            v.copy(new, seq)
         for table in self.slot_pos.values():
             table[new] = table[seq]
         self._len[new] = self._len[seq]
@@ -174,24 +180,22 @@ class ContiguousKV:
         for (a, b), (x, y) in _ring_slices(start + skip, L - skip, cap):
             for buf, new in ((self.k[layer], k_GKLD), (self.v[layer], v_GKLD)):
                 src = new[:, :, skip + x:skip + y]
-                if all_rows:
-                    buf[:, :, a:b] = src
-                else:
-                    buf[rows_G, :, a:b] = src
+                buf.put((slice(None), slice(None), slice(a, b)) if all_rows else (rows_G, slice(None), slice(a, b)),
+                        src)
 
     def write_tokens(self, layer: int, rows_B: torch.Tensor, pos_B: torch.Tensor, k_BKD: torch.Tensor,
                      v_BKD: torch.Tensor) -> None:
         slot_B = pos_B % self.caps[layer]
-        self.k[layer][rows_B, :, slot_B] = k_BKD
-        self.v[layer][rows_B, :, slot_B] = v_BKD
+        self.k[layer].put((rows_B, slice(None), slot_B), k_BKD)
+        self.v[layer].put((rows_B, slice(None), slot_B), v_BKD)
 
     def prefix(self, layer: int, rows_G: torch.Tensor, lo: int, hi: int,
                all_rows: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         cap = self.caps[layer]
         out = []
         for buf in (self.k[layer], self.v[layer]):
-            rows = buf if all_rows else buf.index_select(0, rows_G)
-            parts = [rows[:, :, a:b] for (a, b), _ in _ring_slices(lo, hi - lo, cap)]
+            rows = slice(None) if all_rows else rows_G
+            parts = [buf.get((rows, slice(None), slice(a, b))) for (a, b), _ in _ring_slices(lo, hi - lo, cap)]
             out.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
         return out[0], out[1]
 
@@ -199,14 +203,14 @@ class ContiguousKV:
                all_rows: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         k, v, table = self.k[layer], self.v[layer], self.slot_pos[self.caps[layer]]
         if all_rows:
-            return k, v, table
-        return k.index_select(0, rows_B), v.index_select(0, rows_B), table.index_select(0, rows_B)
+            return k.get(), v.get(), table
+        return k.index_select(rows_B), v.index_select(rows_B), table.index_select(0, rows_B)
 
     def nbytes(self) -> int:
-        return sum(2 * k.numel() * k.element_size() for k in self.k)
+        return sum(k.nbytes() + v.nbytes() for k, v in zip(self.k, self.v))
 
     def nbytes_by_kind(self) -> dict[str, int]:
-        local = sum(2 * k.numel() * k.element_size() for k, c in zip(self.k, self.chunks) if c is not None)
+        local = sum(k.nbytes() + v.nbytes() for k, v, c in zip(self.k, self.v, self.chunks) if c is not None)
         return {"local": local, "global": self.nbytes() - local}
 
 
@@ -223,11 +227,11 @@ def _ring_slices(start: int, n: int, cap: int) -> list[tuple[tuple[int, int], tu
 
 
 def make_cache(cfg: TextConfig, batch: int, max_len: int, dtype: torch.dtype = torch.float32,
-               device: torch.device | str = "cpu", rollback: int = 0) -> ContiguousKV:
+               device: torch.device | str = "cpu", rollback: int = 0, kv_dtype: str | None = None) -> ContiguousKV:
     """A store with `batch` sequences already added (ids 0 .. batch-1), for `model(ids_BT, cache=...)`."""
     if not isinstance(batch, int) or not isinstance(max_len, int) or batch < 1 or max_len < 1:
         raise ValueError(f"make_cache needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}")
-    kv = ContiguousKV(cfg, batch, max_len, dtype, device, rollback)
+    kv = ContiguousKV(cfg, batch, max_len, dtype, device, rollback, kv_dtype)
     for _ in range(batch):
         kv.add()
     return kv

@@ -40,6 +40,7 @@ import torch
 
 from ..config import TextConfig
 from .base import PrefillGroup, Step
+from .quant import KVTensor, bytes_per_element, check_kv_dtype
 
 
 class KVFull(RuntimeError):
@@ -69,7 +70,7 @@ class PagedKV:
     """Paged keys/values for many sequences of one model; see the module docstring."""
 
     def __init__(self, cfg: TextConfig, num_blocks: int, block_size: int = 16, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", prefix_caching: bool = True):
+                 device: torch.device | str = "cpu", prefix_caching: bool = True, kv_dtype: str | None = None):
         self.chunks = [cfg.attention_chunk_size if cfg.is_chunked(i) else None for i in range(cfg.num_hidden_layers)]
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size={block_size!r} is invalid: expected an int >= 1")
@@ -81,8 +82,11 @@ class PagedKV:
             raise ValueError(f"num_blocks={num_blocks!r} is invalid: expected an int >= 1 (raise --kv-memory)")
         self.block_size, self.num_blocks, self.prefix_caching = block_size, num_blocks, prefix_caching
         self.n_kv, self.head_dim = cfg.num_key_value_heads, cfg.head_dim
-        self.k_NKBD = torch.zeros(num_blocks, self.n_kv, block_size, self.head_dim, dtype=dtype, device=device)
-        self.v_NKBD = torch.zeros_like(self.k_NKBD)
+        # One pool serves every layer kind, so kv_dtype (fp8 / int8) applies to all of its blocks; the
+        # chunked layers' share is bounded by chunk / block_size blocks per sequence and layer anyway.
+        self.kv_dtype = check_kv_dtype(kv_dtype)
+        self.k_NKBD = KVTensor((num_blocks, self.n_kv, block_size, self.head_dim), dtype, self.kv_dtype, device)
+        self.v_NKBD = KVTensor(self.k_NKBD.shape, dtype, self.kv_dtype, device)
         self.ref = [0] * num_blocks
         self.free: deque[int] = deque(range(num_blocks))
         self.name_of: dict[int, tuple[int, bytes]] = {}  # block -> (layer, chain hash)
@@ -97,14 +101,15 @@ class PagedKV:
         self.groups: dict[int, tuple] = {}  # id(rows_G) -> (plans, per-layer write indices)
 
     @staticmethod
-    def block_bytes(cfg: TextConfig, block_size: int, dtype: torch.dtype) -> int:
-        """Bytes of one block (keys and values of one layer)."""
-        return 2 * cfg.num_key_value_heads * block_size * cfg.head_dim * torch.empty(0, dtype=dtype).element_size()
+    def block_bytes(cfg: TextConfig, block_size: int, dtype: torch.dtype, kv_dtype: str | None = None) -> int:
+        """Bytes of one block (keys and values of one layer, scales included)."""
+        return round(2 * cfg.num_key_value_heads * block_size * cfg.head_dim *
+                     bytes_per_element(cfg.head_dim, dtype, kv_dtype))
 
     @classmethod
     def from_memory(cls, cfg: TextConfig, nbytes: int, block_size: int = 16, **kw) -> "PagedKV":
         """A pool of as many blocks as fit in `nbytes`."""
-        per = cls.block_bytes(cfg, block_size, kw.get("dtype", torch.float32))
+        per = cls.block_bytes(cfg, block_size, kw.get("dtype", torch.float32), kw.get("kv_dtype"))
         if nbytes < per:
             raise ValueError(f"KV memory {nbytes} bytes holds no block of {per} bytes (raise --kv-memory)")
         return cls(cfg, int(nbytes // per), block_size, **kw)
@@ -161,7 +166,8 @@ class PagedKV:
                 if b is None:
                     self.remove(new)
                     raise KVFull("no free block to fork a sequence")
-                self.k_NKBD[b], self.v_NKBD[b] = self.k_NKBD[table[full]], self.v_NKBD[table[full]]
+                self.k_NKBD.copy(b, table[full])
+                self.v_NKBD.copy(b, table[full])
                 t.tables[i].append(b)
         return new
 
@@ -193,7 +199,8 @@ class PagedKV:
                 b = self._alloc()
                 if b is None:
                     raise KVFull("no free block to roll back into a shared block")
-                self.k_NKBD[b], self.v_NKBD[b] = self.k_NKBD[table[-1]], self.v_NKBD[table[-1]]
+                self.k_NKBD.copy(b, table[-1])
+                self.v_NKBD.copy(b, table[-1])
                 self._release([table[-1]])
                 table[-1] = b
 
@@ -230,7 +237,7 @@ class PagedKV:
         return len(self.named)
 
     def nbytes(self) -> int:
-        return 2 * self.k_NKBD.numel() * self.k_NKBD.element_size()
+        return self.k_NKBD.nbytes() + self.v_NKBD.nbytes()
 
     def hit_rate(self) -> float:
         return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
@@ -357,7 +364,7 @@ class PagedKV:
 
     def _describe(self, plans: list[_Plan]) -> Step:
         """The `Step` for `plans`, and the per-layer indices the attention calls below use."""
-        dev, bs = self.k_NKBD.device, self.block_size
+        dev, bs = self.k_NKBD.data.device, self.block_size
         offsets = [0]
         for p in plans:
             offsets.append(offsets[-1] + p.n)
@@ -421,22 +428,22 @@ class PagedKV:
     def write_tokens(self, layer: int, rows_B: torch.Tensor, pos_B: torch.Tensor, k_BKD: torch.Tensor,
                      v_BKD: torch.Tensor) -> None:
         blk_B, off_B, _, _ = self._decode_layer(rows_B, layer)
-        self.k_NKBD[blk_B, :, off_B] = k_BKD
-        self.v_NKBD[blk_B, :, off_B] = v_BKD
+        self.k_NKBD.put((blk_B, slice(None), off_B), k_BKD)
+        self.v_NKBD.put((blk_B, slice(None), off_B), v_BKD)
 
     def gather(self, layer: int, rows_B: torch.Tensor,
                all_rows: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         _, _, table_BN, pos_BS = self._decode_layer(rows_B, layer)
         B, nb = table_BN.shape
-        k_BKSD, v_BKSD = (pool[table_BN].permute(0, 2, 1, 3, 4).reshape(B, self.n_kv, nb * self.block_size, -1)
+        k_BKSD, v_BKSD = (pool.get(table_BN).permute(0, 2, 1, 3, 4).reshape(B, self.n_kv, nb * self.block_size, -1)
                           for pool in (self.k_NKBD, self.v_NKBD))
         return k_BKSD, v_BKSD, pos_BS
 
     def write_block(self, layer: int, rows_G: torch.Tensor, start: int, k_GKLD: torch.Tensor,
                     v_GKLD: torch.Tensor, all_rows: bool = False) -> None:
         g_M, l_M, blk_M, off_M = self._group(rows_G)[1][layer]
-        self.k_NKBD[blk_M, :, off_M] = k_GKLD[g_M, :, l_M]
-        self.v_NKBD[blk_M, :, off_M] = v_GKLD[g_M, :, l_M]
+        self.k_NKBD.put((blk_M, slice(None), off_M), k_GKLD[g_M, :, l_M])
+        self.v_NKBD.put((blk_M, slice(None), off_M), v_GKLD[g_M, :, l_M])
 
     def prefix(self, layer: int, rows_G: torch.Tensor, lo: int, hi: int,
                all_rows: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -446,8 +453,8 @@ class PagedKV:
         if lo < start:
             raise ValueError(f"paged KV: positions from {lo} asked of layer {layer}, which holds them from {start}")
         j0, j1 = (lo - start) // bs, math.ceil((hi - start) / bs)
-        tbl_GJ = torch.tensor([p.src[layer][1][j0:j1] for p in plans], device=self.k_NKBD.device)
+        tbl_GJ = torch.tensor([p.src[layer][1][j0:j1] for p in plans], device=self.k_NKBD.data.device)
         a = lo - start - j0 * bs
         G = len(plans)
-        return tuple(pool[tbl_GJ].permute(0, 2, 1, 3, 4).reshape(G, self.n_kv, (j1 - j0) * bs, -1)[:, :, a:a + hi - lo]
+        return tuple(pool.get(tbl_GJ).permute(0, 2, 1, 3, 4).reshape(G, self.n_kv, (j1 - j0) * bs, -1)[:, :, a:a + hi - lo]
                      for pool in (self.k_NKBD, self.v_NKBD))

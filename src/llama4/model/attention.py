@@ -50,6 +50,21 @@ class Attention(nn.Module):
         and `step`, x is the step's N tokens as [1, N, D]. `offset` is the absolute position of token 0
         when attending without a store; `doc_pos_BT` packs documents (then positions are per document)."""
         B, T, _ = x_BTD.shape
+        q_BTHD, k_BTKD, v_BTKD = self.project(x_BTD, pos_BT, rope_BT)
+        if kv is not None:
+            out_NHD = self._attend_store(q_BTHD[0], k_BTKD[0], v_BTKD[0], kv, step)
+            return self.wo(out_NHD.reshape(1, T, -1))
+        q, k, v = q_BTHD.transpose(1, 2), k_BTKD.transpose(1, 2), v_BTKD.transpose(1, 2)
+        if doc_pos_BT is not None:
+            out_BHTD = backends.packed_causal(q, k, v, doc_pos_BT, self.chunk)
+        else:
+            out_BHTD = backends.chunked_causal(q, k, v, self.chunk, offset)
+        return self.wo(out_BHTD.transpose(1, 2).reshape(B, T, -1))
+
+    def project(self, x_BTD: torch.Tensor, pos_BT: torch.Tensor, rope_BT: torch.Tensor | None):
+        """q, k, v [B, T, heads, Dh] of tokens at absolute positions pos_BT: RoPE and QK-norm on RoPE
+        layers, the temperature scale on the queries of NoPE layers (what every attention path shares)."""
+        B, T, _ = x_BTD.shape
         q_BTHD = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim)
         k_BTKD = self.wk(x_BTD).view(B, T, self.n_kv, self.head_dim)
         v_BTKD = self.wv(x_BTD).view(B, T, self.n_kv, self.head_dim)
@@ -62,15 +77,7 @@ class Attention(nn.Module):
             floor_scale, attn_scale = self.temperature
             scale_BT = torch.log1p(torch.floor((pos_BT.float() + 1.0) / floor_scale)) * attn_scale + 1.0
             q_BTHD = (q_BTHD * scale_BT[..., None, None]).to(q_BTHD.dtype)
-        if kv is not None:
-            out_NHD = self._attend_store(q_BTHD[0], k_BTKD[0], v_BTKD[0], kv, step)
-            return self.wo(out_NHD.reshape(1, T, -1))
-        q, k, v = q_BTHD.transpose(1, 2), k_BTKD.transpose(1, 2), v_BTKD.transpose(1, 2)
-        if doc_pos_BT is not None:
-            out_BHTD = backends.packed_causal(q, k, v, doc_pos_BT, self.chunk)
-        else:
-            out_BHTD = backends.chunked_causal(q, k, v, self.chunk, offset)
-        return self.wo(out_BHTD.transpose(1, 2).reshape(B, T, -1))
+        return q_BTHD, k_BTKD, v_BTKD
 
     # With a KV store ---------------------------------------------------------------------------------
     def _attend_store(self, q_NHD, k_NKD, v_NKD, kv: KVStore, step: Step) -> torch.Tensor:

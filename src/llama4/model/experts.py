@@ -10,7 +10,10 @@ Kernels for plain (bf16 / fp32) weights, tried in this order by `select_kernel`:
 - `gather`: each row gathers its own expert's weights and runs one batched matmul. No host sync and
   no Python branching on counts, so `torch.compile(fullgraph=True)` and CUDA graphs take it; it reads
   each routed row's weights once (a copy), so it serves small row counts: decode. Chosen when
-  `torch.compiler.is_compiling()` or R <= `SMALL_ROWS`.
+  `torch.compiler.is_compiling()` or R <= `SMALL_ROWS` off the CPU.
+- `small_loop`: eager CPU, R <= `SMALL_ROWS`, no autograd through the weights (decode): two matmuls per
+  expert that has rows, each straight on `w[e]` (no copy, no unbind of all E experts). Reading the
+  counts on the host costs nothing on the CPU (no device to wait for), and saves gather's weight copy.
 - `loop`: two matmuls per expert that has rows, sizes read on the host. The reference.
 
 Predicates look only at shapes, dtypes, devices and compile state, never at tensor values, so the
@@ -150,6 +153,28 @@ def _gather_run(experts: Experts, x_RD: torch.Tensor, counts_E: torch.Tensor) ->
     return torch.bmm(_swiglu(h_R2F).unsqueeze(1), w_RFD).squeeze(1)
 
 
+def small_loop_applies(experts: Experts, x_RD: torch.Tensor) -> bool:
+    """Eager CPU decode: few rows, not compiling, and no autograd graph through the expert weights
+    (there `w[e]` would make each expert's backward a zero-filled gradient of all E experts)."""
+    if x_RD.device.type != "cpu" or torch.compiler.is_compiling() or x_RD.shape[0] > SMALL_ROWS:
+        return False
+    return not (torch.is_grad_enabled() and any(p.requires_grad for p in experts.parameters()))
+
+
+def _small_loop_run(experts: Experts, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    sizes = counts_E.tolist()
+    dt = x_RD.dtype
+    outs, start = [], 0
+    for e, n in enumerate(sizes):
+        if n:
+            x = x_RD[start:start + n]
+            start += n
+            outs.append(_swiglu(x @ experts.gate_up_proj[e].to(dt)) @ experts.down_proj[e].to(dt))
+    if not outs:
+        return x_RD.new_empty(x_RD.shape[0], experts.down_proj.shape[-1])
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
 def _loop_run(experts: Experts, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     # Two matmuls per expert that has rows; the activation runs once over all rows in between, since
     # each kernel call costs a parallel region (hundreds of them at E = 128).
@@ -169,5 +194,6 @@ def _loop_run(experts: Experts, x_RD: torch.Tensor, counts_E: torch.Tensor) -> t
 
 
 register_kernel("plain", Kernel("grouped_mm", _grouped_mm_applies, _grouped_mm_run))
+register_kernel("plain", Kernel("small_loop", small_loop_applies, _small_loop_run))
 register_kernel("plain", Kernel("gather", lambda experts, x_RD: is_small_or_compiling(x_RD), _gather_run))
 register_kernel("plain", Kernel("loop", lambda experts, x_RD: True, _loop_run))

@@ -80,6 +80,8 @@ class MoE(nn.Module):
         shape = x_BTD.shape
         x_ND = x_BTD.reshape(-1, shape[-1])
         idx_Nk, scores_Nk, _ = self.route(x_ND)
+        if x_ND.shape[0] == 1 and not (self.training and self.count_tokens):
+            return self._one_token(x_ND, idx_Nk, scores_Nk).view(shape)
         # Group (token, expert) pairs by expert: a stable sort keeps token order inside each expert.
         expert_R = idx_Nk.reshape(-1)
         order_R = torch.argsort(expert_R, stable=True)
@@ -98,6 +100,21 @@ class MoE(nn.Module):
         out_ND = self.shared_expert(x_ND)
         out_ND.index_add_(0, token_R, routed_out_RD.to(out_ND.dtype))
         return out_ND.view(shape)
+
+    def _one_token(self, x_1D: torch.Tensor, idx_1k: torch.Tensor, scores_1k: torch.Tensor) -> torch.Tensor:
+        """Batch-1 decode: the k rows are the one token's, so there is no sort over experts (k = 1:
+        none at all; k > 1: a sort of k expert ids), no gather of tokens and no scatter back."""
+        expert_k = idx_1k[0]
+        in_kD = x_1D * scores_1k.reshape(-1, 1)
+        if self.top_k > 1:
+            expert_k, order_k = torch.sort(expert_k)
+            in_kD = in_kD.index_select(0, order_k)
+        counts_E = torch.zeros(self.n_experts, dtype=torch.int64, device=x_1D.device).index_add_(
+            0, expert_k, torch.ones_like(expert_k))
+        routed_kD = self.experts(in_kD, counts_E)
+        out_1D = self.shared_expert(x_1D)
+        routed_1D = routed_kD if self.top_k == 1 else routed_kD.sum(0, keepdim=True)
+        return out_1D + routed_1D.to(out_1D.dtype)
 
 
 def moe_dense_reference(moe: MoE, x_BTD: torch.Tensor) -> torch.Tensor:

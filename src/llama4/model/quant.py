@@ -330,3 +330,144 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w.mm(0, x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], self.out_features)
+
+
+# bf16 weights packed for the CPU's fast kernel ------------------------------------------------------
+#
+# On this project's CPU (AMD EPYC, AVX2, no AVX-512) a bf16 matmul is the slowest way to multiply:
+# oneDNN refuses bf16 without avx512bw/vl/dq or avx_ne_convert ("mkldnn_reorder_linear_weight: bf16
+# path needs the cpu support ..."), so torch falls back to a scalar kernel: at one row 2x the time of
+# fp32 although it reads half the bytes, and x @ w with the HF experts' [D, 2F] layout 30x. fbgemm's
+# fp16 GEMM (AVX2 + F16C) multiplies fp32 activations by weights packed once as fp16, 2 bytes a
+# weight like bf16: at one row it is 2x faster than fp32 and 4x faster than bf16, and faster than fp32
+# at every row count (docs/quantization.md). bf16 -> fp16 is exact for |w| in [2^-14, 65504] (fp16 has
+# more mantissa bits); smaller weights become fp16 subnormals (absolute error <= 2^-25); a weight
+# above 65504 is refused. Inference only: the packed matrix is opaque, has no gradient and no
+# state_dict form (save the model before packing).
+
+FP16_MAX = 65504.0
+
+
+def _fbgemm_pack(w_NK: torch.Tensor) -> torch.Tensor:
+    if w_NK.device.type != "cpu":
+        raise ValueError(f"pack_for_cpu: weight on {w_NK.device}; the packed fp16 kernel (fbgemm) is CPU only")
+    amax = float(w_NK.detach().abs().max()) if w_NK.numel() else 0.0
+    if not amax <= FP16_MAX:  # NaN too
+        raise ValueError(f"pack_for_cpu: a weight of magnitude {amax:g} does not fit fp16 (max {FP16_MAX:g}); "
+                         f"keep this model unpacked")
+    import warnings
+
+    with warnings.catch_warnings():  # torch marks the fbgemm fp16 ops deprecated; they are what runs fast here
+        warnings.simplefilter("ignore")
+        return torch.ops.aten.fbgemm_pack_gemm_matrix_fp16(w_NK.detach().float().contiguous())
+
+
+def _fbgemm_mm(x_MK: torch.Tensor, packed, bias_N: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten.fbgemm_linear_fp16_weight_fp32_activation(x_MK.float().contiguous(), packed, bias_N)
+
+
+def cpu_packing_available() -> bool:
+    return torch.backends.quantized.supported_engines.count("fbgemm") > 0
+
+
+class _Packed(nn.Module):
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        raise ValueError(f"{prefix.rstrip('.') or type(self).__name__}: weights packed for CPU inference "
+                         f"(pack_for_cpu) have no checkpoint form; save the model before packing it")
+
+
+class PackedLinear(_Packed):
+    """An nn.Linear whose weight is packed as fp16 for fbgemm; output in the input's dtype."""
+
+    def __init__(self, linear: nn.Linear, keep_weight: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        if keep_weight:  # the output head: callers read model.output.weight (device, dtype, tied embeddings)
+            self.weight = linear.weight
+        self.packed = _fbgemm_pack(linear.weight)
+        b = linear.bias
+        self.bias_f32 = (b.detach().float() if b is not None else torch.zeros(self.out_features)).contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _fbgemm_mm(x.reshape(-1, x.shape[-1]), self.packed, self.bias_f32)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+class PackedExperts(_Packed):
+    """Routed experts whose weights are packed per expert as fp16 for fbgemm: gate_up as [2F, D] and
+    down as [D, F] (the HF layout transposed once, at packing). Behind the expert-kernel seam as
+    `weight_format = "cpu-packed"`, same interface `experts(x_RD, counts_E)`."""
+
+    weight_format = "cpu-packed"
+
+    def __init__(self, experts: Experts):
+        super().__init__()
+        self.kernel: str | None = None
+        E, D, F2 = experts.gate_up_proj.shape
+        self.n_experts, self.dim, self.hidden = E, D, F2 // 2
+        self.gate_up = [_fbgemm_pack(experts.gate_up_proj[e].t()) for e in range(E)]
+        self.down = [_fbgemm_pack(experts.down_proj[e].t()) for e in range(E)]
+        self._zeros_2F, self._zeros_D = torch.zeros(F2), torch.zeros(D)
+
+    def forward(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        from .experts import compute_dtype, select_kernel
+
+        dt = compute_dtype(x_RD)
+        with torch.autocast(x_RD.device.type, enabled=False):
+            return select_kernel(self, x_RD).run(self, x_RD, counts_E).to(dt)
+
+
+def _packed_loop_run(experts: PackedExperts, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """Per expert that has rows: fbgemm's fp16 GEMM for gate_up, SwiGLU in fp32, then down."""
+    sizes = counts_E.tolist()
+    outs, start = [], 0
+    for e, n in enumerate(sizes):
+        if n:
+            h = _fbgemm_mm(x_RD[start:start + n], experts.gate_up[e], experts._zeros_2F)
+            start += n
+            gate, up = h.chunk(2, dim=-1)
+            outs.append(_fbgemm_mm(F.silu(gate) * up, experts.down[e], experts._zeros_D))
+    if not outs:
+        return x_RD.new_empty(x_RD.shape[0], experts.dim)
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+register_kernel("cpu-packed", Kernel("packed_loop", lambda experts, x_RD: x_RD.device.type == "cpu", _packed_loop_run))
+
+
+@torch.no_grad()
+def pack_for_cpu(model: nn.Module) -> nn.Module:
+    """Pack the text decoder's float weights (attention, shared experts, dense FFNs, routed experts,
+    the output head) for CPU inference, in place: fp16 for fbgemm, 2 bytes a weight; the rest of the
+    model, activations and KV cache in fp32. Quantized
+    modules, the router (its choice is sensitive and it is tiny), embeddings, norms and the vision
+    tower stay as they are. The output head keeps its float weight beside the packed copy (callers
+    read `model.output.weight`, and a tied head shares it with the embeddings). Returns the model
+    (inference only, see above)."""
+    from .moe import MoE
+
+    if not cpu_packing_available():
+        raise ValueError("pack_for_cpu: this torch build has no fbgemm (torch.backends.quantized.supported_engines)")
+    quantized = [n for n, m in model.named_modules() if isinstance(m, (QuantMatrices, QuantExperts, QuantLinear))]
+    if quantized:
+        raise ValueError(f"pack_for_cpu: {quantized[0]} is quantized; pack a float (bf16 / fp32) model")
+    # Everything left unpacked (embeddings, norms, router, vision) and so the activations and the KV
+    # cache become fp32: fbgemm multiplies fp32 activations anyway, and on this CPU bf16 attention is
+    # 4.6x slower than fp32 at decode (no bf16 GEMM). The weights read per token are the packed fp16.
+    model.float()
+    targets: dict[str, nn.Module] = {}
+    for i, layer in enumerate(model.layers):
+        for name, mod in layer.named_modules():
+            if isinstance(mod, nn.Linear) and not name.endswith("router"):
+                targets[f"layers.{i}.{name}"] = mod
+        ff = layer.feed_forward
+        if isinstance(ff, MoE) and type(ff.experts) is Experts:
+            targets[f"layers.{i}.feed_forward.experts"] = ff.experts
+    if isinstance(getattr(model, "output", None), nn.Linear):
+        targets["output"] = model.output
+    for name, mod in targets.items():
+        new = PackedLinear(mod, keep_weight=name == "output") if isinstance(mod, nn.Linear) else PackedExperts(mod)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+    model.cpu_packed = True
+    return model

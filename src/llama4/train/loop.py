@@ -98,13 +98,7 @@ def build_model(cfg: TrainConfig, tok: Tokenizer, device: torch.device) -> Llama
     sp = tok.special_tokens
     if cfg.model.checkpoint is not None:
         model = load(cfg.model.checkpoint, dtype=torch.float32, device=device)
-        mc = model.config
-        if tok.vocab_size > mc.text.vocab_size:
-            raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} ids but checkpoint {cfg.model.checkpoint} "
-                             f"has vocab_size={mc.text.vocab_size}")
-        if mc.vision is not None and mc.image_token_index != sp["<|patch|>"]:
-            raise ValueError(f"tokenizer {tok.path} has <|patch|> = {sp['<|patch|>']} but the checkpoint's "
-                             f"image_token_index is {mc.image_token_index}; use the checkpoint's tokenizer")
+        check_tokenizer_fits(model.config, tok, cfg.model.checkpoint)
         return model
     text = {"vocab_size": tok.vocab_size, "bos_token_id": tok.bos_id, "pad_token_id": tok.pad_id,
             "eos_token_id": [tok.eos_id, tok.eom_id, tok.eot_id], **cfg.model.overrides}
@@ -131,6 +125,18 @@ def build_model(cfg: TrainConfig, tok: Tokenizer, device: torch.device) -> Llama
     with torch.device(device):
         model = Llama4(mc)
     return model.init_weights(cfg.model.init_std, seed=cfg.train.seed)
+
+
+def check_tokenizer_fits(mc, tok: Tokenizer, ckpt) -> None:
+    """The tokenizer's ids must exist in checkpoint `ckpt`'s model (config `mc`), its <|patch|> must be
+    the model's image token."""
+    if tok.vocab_size > mc.text.vocab_size:
+        raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} ids but checkpoint {ckpt} "
+                         f"has vocab_size={mc.text.vocab_size}")
+    patch = tok.special_tokens["<|patch|>"]
+    if mc.vision is not None and mc.image_token_index != patch:
+        raise ValueError(f"tokenizer {tok.path} has <|patch|> = {patch} but the checkpoint's "
+                         f"image_token_index is {mc.image_token_index}; use the checkpoint's tokenizer")
 
 
 def lr_lambda(cfg: TrainConfig):

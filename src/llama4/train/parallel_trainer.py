@@ -64,12 +64,36 @@ class ParallelTrainer(Trainer):
 
     # Model -------------------------------------------------------------------------------------------
     def build_model(self):
-        p = self.cfg.parallel
+        if self.cfg.model.checkpoint is not None:
+            return self._load_sharded(self.cfg.model.checkpoint)
         model = super().build_model()
-        self.plan = make_plan(self.world, model.config.text, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard,
+        self._make_plan(model.config.text)
+        return parallelize(model, self.mesh, self.plan)
+
+    def _make_plan(self, text) -> None:
+        p = self.cfg.parallel
+        self.plan = make_plan(self.world, text, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard,
                               tp=p.tp, ep=p.ep, compile=p.compile, checkpointing=self.checkpointing)
         self.mesh = build_mesh(self.plan, self.device.type)
-        return parallelize(model, self.mesh, self.plan)
+
+    def _load_sharded(self, ckpt):
+        """Fine-tuning: the HF checkpoint read straight into the parallelized model, each rank reading only
+        the slices it owns (never the whole model on any rank), in fp32 (the master weights)."""
+        from ..checkpoint.hub import resolve_checkpoint
+        from ..checkpoint.sharded import load_sharded
+        from ..config import load_config
+        from .loop import check_tokenizer_fits
+
+        root = resolve_checkpoint(ckpt)
+        if not (root / "config.json").is_file():
+            raise FileNotFoundError(f"model.checkpoint={ckpt}: {root} has no config.json; a distributed run "
+                                    f"reads an HF safetensors checkpoint (convert Meta's format with "
+                                    f"`llama4 convert` first)")
+        mc = load_config(root / "config.json")
+        check_tokenizer_fits(mc, self.tok, ckpt)
+        self._make_plan(mc.text)
+        return load_sharded(root, lambda m: parallelize(m, self.mesh, self.plan), dtype=torch.float32,
+                            device=self.device)
 
     def build_optimizer(self):
         opt = super().build_optimizer()
