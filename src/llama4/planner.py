@@ -8,8 +8,12 @@ What each term assumes (the model of `train/parallel.py`, not of some other fram
   - training: fp32 master weights, fp32 gradients and two fp32 AdamW moments, all sharded by FSDP over
     the data-parallel ranks (the experts over dp / ep of them); bf16 autocast activations;
   - inference: weights in `dtype` (routed experts and attention/FFN matrices in `quant` when given),
-    KV for one sequence of `context` tokens per GPU group: chunked layers keep one chunk, global
-    layers keep everything, K heads split by tp.
+    KV for one sequence of `context` tokens per GPU group: chunked layers keep one chunk (in `dtype`),
+    global layers keep everything (in `kv_dtype`; fp8 / int8 count their bf16 scale per head vector,
+    as kv/quant.py stores them), K heads split by tp;
+  - context parallel (cp, inference): the cp data-parallel ranks of one tp group share one sequence
+    (model/context_parallel.py): each holds 1/cp of the global layers' KV, at most one chunk of each
+    local layer, and the two K/V blocks of one layer that ring attention has in flight.
 Activation figures are estimates (what autograd keeps per token per layer, or one prefill slice).
 
 Shape legend: D model dim, F expert hidden, Fm dense FFN hidden, V vocab, K kv heads, Dh head dim.
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .accounting import bytes_human, parameter_counts
+from .accounting import bytes_human, kv_element_bytes, parameter_counts
 from .config import Llama4Config
 
 GPUS = {"H100": 80e9, "H200": 141e9, "B200": 192e9, "A100": 80e9, "A100-40": 40e9, "L40S": 48e9, "MI300X": 192e9}
@@ -48,6 +52,7 @@ class Estimate:
     ep: int
     dp: int
     terms: dict[str, float] = field(default_factory=dict)
+    cp: int = 1
 
     @property
     def total(self) -> float:
@@ -90,11 +95,11 @@ def layouts(cfg: Llama4Config, gpus: int) -> list[tuple[int, int]]:
     return out
 
 
-def estimate(cfg: Llama4Config, req: Request, tp: int, ep: int) -> Estimate:
+def estimate(cfg: Llama4Config, req: Request, tp: int, ep: int, cp: int = 1) -> Estimate:
     t = cfg.text
     dp = req.gpus // tp
     p = split_params(cfg)
-    est = Estimate(tp, ep, dp)
+    est = Estimate(tp, ep, dp, cp=cp)
     if req.train:
         # FSDP shards dense weights over all dp ranks, experts over the dp / ep ranks sharing them.
         per_gpu = (p["tp"] / tp + p["whole"]) / dp + p["experts"] / ep / (dp // ep)
@@ -108,10 +113,18 @@ def estimate(cfg: Llama4Config, req: Request, tp: int, ep: int) -> Estimate:
     est.terms["weights: attention + dense FFN (/tp)"] = wq * p["tp"] / tp
     est.terms["weights: routed experts (/ep)"] = wq * p["experts"] / ep
     est.terms["weights: embeddings, head, norms, router, vision"] = wd * p["whole"]
-    kv = kv_by_kind(cfg, req.context, DTYPE_BYTES[req.kv_dtype], tp)
-    est.terms["KV: chunked (local) layers"] = kv["local"] * req.batch
-    est.terms["KV: global layers"] = kv["global"] * req.batch
-    slice_tokens = min(req.context, PREFILL_SLICE) * req.batch
+    quant_kv = req.kv_dtype in ("fp8", "int8")
+    local_dtype = req.dtype if quant_kv else req.kv_dtype  # a quantized KV is the global layers' only
+    shard = -(-req.context // cp)
+    kv = kv_by_kind(cfg, shard, kv_element_bytes(req.kv_dtype, t.head_dim), tp)
+    local = kv_by_kind(cfg, shard, kv_element_bytes(local_dtype, t.head_dim), tp)["local"]
+    split = "/tp" + ("/cp" if cp > 1 else "")
+    est.terms[f"KV: chunked (local) layers, {local_dtype}, one chunk"] = local * req.batch
+    est.terms[f"KV: global layers, {req.kv_dtype} ({split})"] = kv["global"] * req.batch
+    if cp > 1:  # ring attention: the block being sent and the one received, of one layer, in `dtype`
+        per_token = 2 * t.num_key_value_heads / tp * t.head_dim * wd
+        est.terms[f"ring attention: 2 K/V blocks of {shard:,} tokens"] = 2 * shard * per_token * req.batch
+    slice_tokens = min(shard, PREFILL_SLICE) * req.batch
     est.terms["activations (one prefill slice)"] = slice_tokens * _act_bytes_per_token(cfg, tp) + \
         req.batch * t.vocab_size * 4
     return est
@@ -150,9 +163,17 @@ def _train_activations(cfg: Llama4Config, req: Request, tp: int, dp: int) -> dic
     return {"activations (estimate)": acts, "loss chunk logits": loss}
 
 
+def cp_degrees(req: Request, tp: int) -> list[int]:
+    """Context-parallel degrees of a tp layout: divisors of its dp ranks (inference only)."""
+    dp = req.gpus // tp
+    if req.train:
+        return [1]
+    return [c for c in range(1, dp + 1) if dp % c == 0 and c <= req.context]
+
+
 def plan(cfg: Llama4Config, req: Request) -> tuple[list[Estimate], list[Estimate]]:
     """(every layout's estimate, those that fit), fitting ones smallest first."""
-    every = [estimate(cfg, req, tp, ep) for tp, ep in layouts(cfg, req.gpus)]
+    every = [estimate(cfg, req, tp, ep, cp) for tp, ep in layouts(cfg, req.gpus) for cp in cp_degrees(req, tp)]
     budget = req.gpu_bytes * (1 - RESERVE)
     fits = sorted((e for e in every if e.total <= budget), key=lambda e: e.total)
     return every, fits
@@ -167,13 +188,16 @@ def report(cfg: Llama4Config, req: Request, name: str, gpu_name: str, show: Esti
     lines = [f"{name} on {req.gpus}x{gpu_name} ({bytes_human(req.gpu_bytes)} each, {bytes_human(budget)} usable "
              f"after {RESERVE:.0%} reserve): {what}"]
     pick = show or (fits[0] if fits else min(every, key=lambda e: e.total))
-    lines.append(f"\nper GPU, layout tp={pick.tp} ep={pick.ep} dp={pick.dp}:")
+    cp_note = f" (context parallel: each sequence split over {pick.cp} ranks, {-(-req.context // pick.cp):,} " \
+        f"tokens each)" if pick.cp > 1 else ""
+    lines.append(f"\nper GPU, layout tp={pick.tp} ep={pick.ep} dp={pick.dp} cp={pick.cp}{cp_note}:")
     for k, v in pick.terms.items():
         lines.append(f"  {k:<52} {bytes_human(v):>12}")
     verdict = "fits" if pick.total <= budget else "does NOT fit"
     lines.append(f"  {'total':<52} {bytes_human(pick.total):>12}  -> {verdict}")
     lines.append("\nlayouts that fit (smallest per-GPU memory first):" if fits else "\nno layout fits")
     for e in fits:
-        lines.append(f"  tp={e.tp:<2} ep={e.ep:<3} dp={e.dp:<3} {bytes_human(e.total):>12}  "
-                     f"(parallel.tp={e.tp} parallel.ep={e.ep})")
+        lines.append(f"  tp={e.tp:<2} ep={e.ep:<3} dp={e.dp:<3} cp={e.cp:<3} {bytes_human(e.total):>12}  "
+                     f"(parallel.tp={e.tp} parallel.ep={e.ep}" + (f", context parallel over {e.cp}" if e.cp > 1 else "")
+                     + ")")
     return "\n".join(lines)

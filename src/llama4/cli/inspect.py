@@ -8,7 +8,7 @@ from pathlib import Path
 from ..accounting import (bytes_human, fits_on, kv_bytes_per_token, kv_cache_bytes, kv_element_bytes, parameter_counts,
                           quantized_weight_bytes)
 from ..config import PRESETS, load_config, preset
-from .common import positive_int
+from .common import positive_int, token_count
 
 
 def _load_config_or_preset(spec: str):
@@ -107,7 +107,7 @@ def print_quantized_memory(cfg) -> None:
 def add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="config summary, parameter counts and KV-cache sizes")
     p.add_argument("model", help="checkpoint directory or preset name (tiny, scout, maverick, behemoth)")
-    p.add_argument("--context", type=positive_int, default=None, help="context length for the KV-cache figure")
+    p.add_argument("--context", type=token_count, default=None, help="context length for the KV-cache figure (8192, 128k, 10M)")
     p.add_argument("--kv-bytes", type=positive_int, default=2, help="bytes per cached element (2 = bf16)")
     p.add_argument("--kv-dtype", choices=["bf16", "fp16", "fp8", "int8"], default=None,
                    help="the global layers' KV dtype (fp8 / int8: one byte per element plus a bf16 scale per head "

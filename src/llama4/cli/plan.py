@@ -7,17 +7,24 @@ import argparse
 import re
 from pathlib import Path
 
-from ..planner import DTYPE_BYTES, GPUS, Request, estimate, layouts, report
+from .common import token_count
+from ..planner import DTYPE_BYTES, GPUS, Request, cp_degrees, estimate, layouts, report
+
+
+MAX_GPUS = 1 << 20  # layouts are enumerated over divisors: a bound keeps a typo from hanging the plan
 
 
 def parse_gpus(text: str) -> tuple[int, str, float]:
     """'8xH100' -> (8, 'H100', bytes); '4x96GB' names the memory directly."""
     m = re.fullmatch(r"(\d+)x([\w-]+)", text.strip(), flags=re.IGNORECASE)
-    if not m or int(m.group(1)) < 1:
-        raise ValueError(f"--gpus {text!r}: expected COUNTxKIND, e.g. 8xH100 or 4x96GB")
+    if not m or not 1 <= int(m.group(1)) <= MAX_GPUS:
+        raise ValueError(f"--gpus {text!r}: expected COUNTxKIND with 1 <= COUNT <= {MAX_GPUS:,}, "
+                         f"e.g. 8xH100 or 4x96GB")
     n, kind = int(m.group(1)), m.group(2)
     size = re.fullmatch(r"(\d+(?:\.\d+)?)GB", kind, flags=re.IGNORECASE)
     if size:
+        if not float(size.group(1)) > 0:
+            raise ValueError(f"--gpus {text!r}: a GPU's memory must be > 0 GB")
         return n, kind, float(size.group(1)) * 1e9
     known = {k.upper(): k for k in GPUS}
     if kind.upper() not in known:
@@ -41,12 +48,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
                   quant=args.quant, train=args.train, batch=args.batch, seq=args.seq,
                   checkpointing=not args.no_checkpointing)
     show = None
-    if args.tp or args.ep:
-        tp, ep = args.tp or 1, args.ep or 1
+    if args.tp or args.ep or args.cp:
+        tp, ep, cp = args.tp or 1, args.ep or 1, args.cp or 1
         if (tp, ep) not in layouts(cfg, n):
             raise ValueError(f"--tp {tp} --ep {ep} is not a valid layout of {name} on {n} GPUs; valid: "
                              f"{layouts(cfg, n)}")
-        show = estimate(cfg, req, tp, ep)
+        if cp not in cp_degrees(req, tp):
+            raise ValueError(f"--cp {cp} is not a context-parallel degree of tp={tp} on {n} GPUs (inference only); "
+                             f"valid: {cp_degrees(req, tp)}")
+        show = estimate(cfg, req, tp, ep, cp)
     print(report(cfg, req, name, kind, show))
     return 0
 
@@ -57,7 +67,8 @@ def add_plan(sub) -> None:
                                    "and activations, for each tensor/expert-parallel layout.")
     p.add_argument("--model", required=True, help="scout | maverick | behemoth | tiny | a checkpoint directory")
     p.add_argument("--gpus", required=True, help="COUNTxKIND, e.g. 8xH100, 8xH200, 4x96GB")
-    p.add_argument("--context", type=int, default=8192, help="tokens of context per sequence (inference)")
+    p.add_argument("--context", type=token_count, default=8192,
+                   help="tokens of context per sequence (inference); 128k = 131072, 10M = 10485760")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--kv-dtype", default="bf16", choices=["bf16", "fp16", "fp8", "int8"])
     p.add_argument("--quant", default=None, choices=[k for k in DTYPE_BYTES if k in ("int8", "int4", "fp8")],
@@ -68,4 +79,5 @@ def add_plan(sub) -> None:
     p.add_argument("--no-checkpointing", action="store_true", help="training without activation checkpointing")
     p.add_argument("--tp", type=int, default=0, help="show this layout's terms (default: the smallest that fits)")
     p.add_argument("--ep", type=int, default=0)
+    p.add_argument("--cp", type=int, default=0, help="show this context-parallel degree (inference)")
     p.set_defaults(func=cmd_plan)
