@@ -62,6 +62,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
               f"patch {v.patch_size}, {v.tokens_per_tile} tokens/tile")
     print(f"parameters       total {counts['total']:,}  active {counts['active']:,}")
     print_routing_bias(Path(args.model))
+    print_stored(args.model)
     print_quantized_memory(cfg)
     # --kv-dtype fp8/int8 is the global layers' dtype (llama4.kv.quant); local layers keep --kv-bytes.
     gb = kv_element_bytes(args.kv_dtype, t.head_dim) if args.kv_dtype else None
@@ -90,6 +91,61 @@ def print_routing_bias(path: Path) -> None:
         entry = json.loads(f.read_text()).get(BIAS_KEY)
         if isinstance(entry, dict):
             print(f"routing bias     layers {entry.get('layers')} ({entry.get('file')}): {entry.get('warning')}")
+
+
+def stored_summary(spec: str) -> str:
+    """What is on disk: the weight bytes per stored dtype (from the safetensors headers, nothing else is
+    read) and the quantization scheme config.json declares."""
+    from ..config import PRESETS
+
+    path = Path(spec)
+    if not path.is_dir():
+        return f"preset {spec!r}: nothing on disk (figures below are computed)" if spec in PRESETS else \
+            f"{path.name}: a config file, no weights"
+    pth = sorted(path.glob("consolidated*.pth"))
+    if pth and not any(path.glob("*.safetensors")):
+        size = sum(f.stat().st_size for f in pth)
+        return f"{size / 1e9:.2f} GB in {len(pth)} Meta .pth file(s) (dtypes are read when loading)"
+    from ..checkpoint.quantized import quantization_config
+    from ..checkpoint.safetensors_io import weight_files
+
+    _, headers = weight_files(path)
+    per: dict[str, int] = {}
+    for header in headers.values():
+        for key, info in header.items():
+            if key != "__metadata__":
+                a, b = info["data_offsets"]
+                per[info["dtype"]] = per.get(info["dtype"], 0) + (b - a)
+    total = sum(per.values())
+    parts = ", ".join(f"{dt} {n / 1e9:.3g} GB ({n / total:.0%})" for dt, n in sorted(per.items(), key=lambda x: -x[1]))
+    out = f"{total / 1e9:.3g} GB of tensors in {len(headers)} safetensors file(s): {parts or 'none'}"
+    q = quantization_config(path)
+    if q:
+        out += f"; quantized: {describe_quantization(q)}"
+    else:
+        out += "; not quantized"
+    return out
+
+
+def describe_quantization(q: dict) -> str:
+    """config.json's quantization_config in one phrase: method, format and each group's scheme."""
+    method = q.get("quant_method", "?")
+    groups = q.get("config_groups") or {}
+    descr = []
+    for g in groups.values():
+        w = (g or {}).get("weights") or {}
+        kind = f"{w.get('type', '?')}{w.get('num_bits', '?')} {w.get('strategy', '?')}"
+        if w.get("strategy") == "group":
+            kind += f" {w.get('group_size')}"
+        targets = g.get("targets", [])
+        descr.append(f"{kind} on {', '.join(map(str, targets))[:60]}")
+    fmt = q.get("format")
+    head = method + (f" ({fmt})" if fmt else "")
+    return head + (": " + "; ".join(descr) if descr else "")
+
+
+def print_stored(spec: str) -> None:
+    print(f"stored           {stored_summary(spec)}")
 
 
 def print_quantized_memory(cfg) -> None:
