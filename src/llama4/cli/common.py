@@ -42,12 +42,12 @@ def non_negative_int(text: str) -> int:
 def token_count(text: str) -> int:
     """argparse type: a token count >= 1, with an optional binary suffix: 128k = 131072, 10M = 10485760
     (Llama 4's published windows are powers of two: Scout's 10M is 10 * 2**20)."""
-    m = re.fullmatch(r"\s*(\d+)\s*([kKmM]?)\s*", text)
+    m = re.fullmatch(r"\s*(-?\d+)\s*([kKmM]?)\s*", text)
     if not m:
         raise argparse.ArgumentTypeError(f"{text!r} is not a token count (expected e.g. 8192, 128k or 10M)")
     value = int(m.group(1)) * {"": 1, "k": 1 << 10, "m": 1 << 20}[m.group(2).lower()]
     if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is invalid: expected a token count >= 1")
+        raise argparse.ArgumentTypeError(f"{value} is invalid: expected an integer >= 1 (a token count)")
     return value
 
 

@@ -109,6 +109,8 @@ def stored_summary(spec: str) -> str:
     from ..checkpoint.quantized import quantization_config
     from ..checkpoint.safetensors_io import weight_files
 
+    if not any(path.glob("*.safetensors")):
+        return "no weight files (config only)"
     _, headers = weight_files(path)
     per: dict[str, int] = {}
     for header in headers.values():
